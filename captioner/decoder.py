@@ -1,0 +1,219 @@
+"""Recurrent caption decoder: LSTM (default), GRU or vanilla RNN, with or without soft attention.
+
+With attention this is Show, Attend and Tell (Xu et al., 2015); without, the pooled image vector
+conditions every step (a Show and Tell style baseline for comparison).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .attention import SoftAttention, doubly_stochastic_penalty
+
+CELLS = {"lstm": nn.LSTMCell, "gru": nn.GRUCell, "rnn": nn.RNNCell}
+
+
+@dataclass(frozen=True)
+class DecoderConfig:
+    vocab_size: int
+    feature_dim: int
+    grid_cells: int
+    embed_dim: int = 256
+    hidden_dim: int = 512
+    attention_dim: int = 256
+    attention: bool = True
+    cell: str = "lstm"
+    num_layers: int = 1
+    dropout: float = 0.5
+    # A learned embedding per grid cell added to the features, so attention and words can use where
+    # things are (spatial relations) even when the CNN's padding gives little position information.
+    positional: bool = False
+    # Weight of the doubly stochastic attention term (Show, Attend and Tell eq. 14, lambda).
+    doubly_stochastic: float = 1.0
+    pad_id: int = 0
+
+    def __post_init__(self) -> None:
+        if self.cell not in CELLS:
+            raise ValueError(f"unknown cell {self.cell!r}; choose one of {', '.join(CELLS)}")
+        for name in (
+            "vocab_size",
+            "feature_dim",
+            "grid_cells",
+            "embed_dim",
+            "hidden_dim",
+            "num_layers",
+        ):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.attention and self.attention_dim < 1:
+            raise ValueError(f"attention_dim must be >= 1, got {self.attention_dim}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+State = tuple[list[torch.Tensor], list[torch.Tensor] | None]  # per layer: hidden, LSTM cell
+
+
+class Memory:
+    """What a decoder needs from the image for every step, computed once per image."""
+
+    def __init__(
+        self, features: torch.Tensor, projected: torch.Tensor | None, pooled: torch.Tensor
+    ):
+        self.features = features  # (B, L, D)
+        self.projected = projected  # (B, L, A) or None without attention
+        self.pooled = pooled  # (B, D)
+
+    def index_select(self, index: torch.Tensor) -> Memory:
+        pick = lambda t: None if t is None else t.index_select(0, index)  # noqa: E731
+        return Memory(pick(self.features), pick(self.projected), pick(self.pooled))
+
+
+class CaptionDecoder(nn.Module):
+    def __init__(self, config: DecoderConfig):
+        super().__init__()
+        c = self.config = config
+        self.embedding = nn.Embedding(c.vocab_size, c.embed_dim, padding_idx=c.pad_id)
+        self.position = (
+            nn.Parameter(torch.zeros(c.grid_cells, c.feature_dim)) if c.positional else None
+        )
+        self.attend = (
+            SoftAttention(c.feature_dim, c.hidden_dim, c.attention_dim) if c.attention else None
+        )
+        # Gating scalar beta_t = sigmoid(f_beta(h_{t-1})) (Show, Attend and Tell Sec. 4.2.1).
+        self.gate = nn.Linear(c.hidden_dim, c.feature_dim) if c.attention else None
+        self.init_h = nn.Linear(c.feature_dim, c.hidden_dim * c.num_layers)
+        self.init_c = (
+            nn.Linear(c.feature_dim, c.hidden_dim * c.num_layers) if c.cell == "lstm" else None
+        )
+        cell = CELLS[c.cell]
+        sizes = [c.embed_dim + c.feature_dim] + [c.hidden_dim] * (c.num_layers - 1)
+        self.cells = nn.ModuleList(cell(size, c.hidden_dim) for size in sizes)
+        self.dropout = nn.Dropout(c.dropout)
+        # Deep output layer, Show, Attend and Tell eq. 7: p(y_t) ~ exp(L_o(E y_{t-1} + L_h h_t + L_z z_t)).
+        self.out_h = nn.Linear(c.hidden_dim, c.embed_dim)
+        self.out_z = nn.Linear(c.feature_dim, c.embed_dim, bias=False)
+        self.out = nn.Linear(c.embed_dim, c.vocab_size)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        nn.init.uniform_(self.embedding.weight, -0.1, 0.1)
+        with torch.no_grad():
+            self.embedding.weight[self.config.pad_id].zero_()
+        if self.config.cell == "lstm":
+            # Forget-gate bias 1 (Jozefowicz et al., 2015): gates are ordered input, forget, cell, output.
+            h = self.config.hidden_dim
+            for cell in self.cells:
+                for bias in (cell.bias_ih, cell.bias_hh):
+                    nn.init.zeros_(bias)
+                    nn.init.constant_(bias[h : 2 * h], 0.5)  # the two biases add up to 1
+
+    # -- per image -----------------------------------------------------------------------------
+    def memory(self, features: torch.Tensor) -> Memory:
+        """features (B, L, D) from the encoder -> what every step reads."""
+        if features.dim() != 3 or features.shape[2] != self.config.feature_dim:
+            raise ValueError(
+                f"features must be (B, L, {self.config.feature_dim}), got {tuple(features.shape)}"
+            )
+        if self.position is not None:
+            if features.shape[1] != self.config.grid_cells:
+                raise ValueError(
+                    f"expected {self.config.grid_cells} grid cells, got {features.shape[1]}"
+                )
+            features = features + self.position
+        projected = self.attend.project(features) if self.attend is not None else None
+        return Memory(features, projected, features.mean(dim=1))
+
+    def init_state(self, memory: Memory) -> State:
+        n, hdim = self.config.num_layers, self.config.hidden_dim
+        h = torch.tanh(self.init_h(memory.pooled)).split(hdim, dim=1)
+        c = torch.tanh(self.init_c(memory.pooled)).split(hdim, dim=1) if self.init_c else None
+        return list(h[:n]), (list(c[:n]) if c is not None else None)
+
+    # -- one step ------------------------------------------------------------------------------
+    def step(
+        self, memory: Memory, state: State, prev_tokens: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor | None, State]:
+        """prev_tokens (B,) -> logits (B, V), attention (B, L) or None, new state."""
+        hs, cs = state
+        top = hs[-1]
+        if self.attend is not None:
+            context, alpha = self.attend(memory.features, memory.projected, top)  # (B, D), (B, L)
+            context = torch.sigmoid(self.gate(top)) * context
+        else:
+            context, alpha = memory.pooled, None
+        emb = self.embedding(prev_tokens)  # (B, E)
+        x = torch.cat([emb, context], dim=1)
+        new_h, new_c = [], []
+        for i, cell in enumerate(self.cells):
+            if cs is not None:
+                h, c = cell(x, (hs[i], cs[i]))
+                new_c.append(c)
+            else:
+                h = cell(x, hs[i])
+            new_h.append(h)
+            x = self.dropout(h) if i < len(self.cells) - 1 else h
+        deep = emb + self.out_h(self.dropout(x)) + self.out_z(context)
+        logits = self.out(self.dropout(deep))  # (B, V)
+        return logits, alpha, (new_h, new_c if cs is not None else None)
+
+    # -- teacher forcing -----------------------------------------------------------------------
+    def forward(
+        self, features: torch.Tensor, captions: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """features (B, L, D), captions (B, T) as `<start> w1 .. wn <end> <pad>..`.
+
+        Returns logits (B, T-1, V) predicting captions[:, 1:] (zeros at padded steps), the loss
+        (cross-entropy over real tokens plus the doubly stochastic term), and attention (B, T-1, L).
+        Each step runs only on the captions still going: they are sorted by length, so the live
+        ones are a prefix of the batch and no computation is spent on padding.
+        """
+        if captions.dim() != 2 or captions.shape[0] != features.shape[0]:
+            raise ValueError(
+                f"captions must be (B, T) with B={features.shape[0]}, got {tuple(captions.shape)}"
+            )
+        lengths = (captions != self.config.pad_id).sum(dim=1) - 1  # steps per caption
+        if (lengths < 1).any():
+            raise ValueError("every caption needs at least <start> and one more token")
+        order = lengths.argsort(descending=True)
+        inverse = order.argsort()
+        captions, lengths = captions[order], lengths[order]
+        memory = self.memory(features[order])
+        state = self.init_state(memory)
+        B, steps = captions.shape[0], int(lengths[0])
+        logits = features.new_zeros(B, steps, self.config.vocab_size)
+        alphas = features.new_zeros(B, steps, memory.features.shape[1]) if self.attend else None
+        live_counts = (
+            lengths.unsqueeze(0) > torch.arange(steps, device=lengths.device).unsqueeze(1)
+        ).sum(1)
+        for t in range(steps):
+            n = int(live_counts[t])
+            if n < B and n < state[0][0].shape[0]:
+                memory = memory.index_select(torch.arange(n, device=captions.device))
+                state = (
+                    [h[:n] for h in state[0]],
+                    None if state[1] is None else [c[:n] for c in state[1]],
+                )
+            step_logits, alpha, state = self.step(memory, state, captions[:n, t])
+            logits[:n, t] = step_logits
+            if alphas is not None:
+                alphas[:n, t] = alpha
+        targets = captions[:, 1 : steps + 1]
+        mask = (
+            torch.arange(steps, device=lengths.device).unsqueeze(0) < lengths.unsqueeze(1)
+        ).float()
+        loss = F.cross_entropy(
+            logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="none"
+        ).view(B, steps)
+        loss = (loss * mask).sum() / mask.sum()
+        if alphas is not None and self.config.doubly_stochastic > 0:
+            loss = loss + self.config.doubly_stochastic * doubly_stochastic_penalty(alphas, mask)
+        logits = logits[inverse]
+        return logits, loss, (alphas[inverse] if alphas is not None else None)

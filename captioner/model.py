@@ -1,0 +1,64 @@
+"""The captioning model: an `Encoder` and a `CaptionDecoder` behind one `forward`."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .decoder import CaptionDecoder, DecoderConfig
+from .encoder import Encoder, EncoderConfig
+
+
+class CaptionModel(nn.Module):
+    def __init__(
+        self,
+        encoder_config: EncoderConfig,
+        decoder_config: DecoderConfig,
+        load_weights: bool = True,
+    ):
+        super().__init__()
+        self.encoder = Encoder(encoder_config, load_weights=load_weights)
+        if decoder_config.feature_dim != self.encoder.feature_dim:
+            raise ValueError(
+                f"decoder feature_dim {decoder_config.feature_dim} does not match encoder "
+                f"{encoder_config.name} output {self.encoder.feature_dim}"
+            )
+        if decoder_config.grid_cells != self.encoder.num_cells:
+            raise ValueError(
+                f"decoder grid_cells {decoder_config.grid_cells} does not match the encoder grid "
+                f"{self.encoder.grid_hw}"
+            )
+        self.decoder = CaptionDecoder(decoder_config)
+
+    @classmethod
+    def build(cls, encoder_config: EncoderConfig, vocab_size: int, **decoder_args) -> CaptionModel:
+        """A model whose decoder sizes follow from the encoder (feature width, grid cells)."""
+        probe = Encoder(encoder_config, load_weights=False)
+        decoder_config = DecoderConfig(
+            vocab_size=vocab_size,
+            feature_dim=probe.feature_dim,
+            grid_cells=probe.num_cells,
+            **decoder_args,
+        )
+        return cls(encoder_config, decoder_config)
+
+    @property
+    def grid_hw(self) -> tuple[int, int]:
+        return self.encoder.grid_hw
+
+    def features(self, images_or_features: torch.Tensor) -> torch.Tensor:
+        """Images (B, 3, H, W) go through the encoder; precomputed grids (B, L, D) pass as they are."""
+        if images_or_features.dim() == 4:
+            return self.encoder(images_or_features)[0]
+        if images_or_features.dim() == 3:
+            return images_or_features
+        raise ValueError(
+            f"expected images (B, 3, H, W) or features (B, L, D), got {tuple(images_or_features.shape)}"
+        )
+
+    def forward(
+        self, images_or_features: torch.Tensor, captions: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Teacher-forced `(logits (B, T-1, V), loss)`; decoding lives in `captioner.search`."""
+        logits, loss, _ = self.decoder(self.features(images_or_features), captions)
+        return logits, loss

@@ -1,0 +1,237 @@
+"""Decoding: greedy, temperature/top-k sampling and batched beam search, all under inference mode.
+
+Every function takes a `CaptionDecoder` and encoder features (B, L, D) and returns, per image,
+`Hypothesis` objects with word ids, per-word log-probabilities and per-word attention maps. All of
+them stop at `max_length`, so a caption comes back even when `<end>` is never the best token.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from .decoder import CaptionDecoder, State
+from .vocab import Vocabulary
+
+START, END = Vocabulary.start_id, Vocabulary.end_id
+
+
+@dataclass
+class Hypothesis:
+    tokens: list[int]  # word ids, without <start> and <end>
+    token_logprobs: list[float]  # one per token
+    attention: torch.Tensor | None  # (len(tokens), L), or None for a model without attention
+    score: float  # log-probability of the whole caption (with <end>), length-normalised if asked
+    finished: bool  # False when cut at max_length before <end>
+
+
+def _check(features: torch.Tensor, max_length: int) -> None:
+    if features.dim() != 3:
+        raise ValueError(f"features must be (B, L, D), got {tuple(features.shape)}")
+    if not 1 <= max_length <= 1000:
+        raise ValueError(f"max_length must be in 1..1000, got {max_length}")
+
+
+def _log_probs(logits: torch.Tensor) -> torch.Tensor:
+    """Log-probabilities over the words a caption may contain: `<pad>` and `<start>` never are."""
+    logits = logits.float()
+    logits[:, [Vocabulary.pad_id, START]] = float("-inf")
+    return F.log_softmax(logits, dim=1)
+
+
+def _reorder(state: State, rows: torch.Tensor) -> State:
+    hs, cs = state
+    return [h.index_select(0, rows) for h in hs], None if cs is None else [
+        c.index_select(0, rows) for c in cs
+    ]
+
+
+@torch.inference_mode()
+def greedy(
+    decoder: CaptionDecoder, features: torch.Tensor, max_length: int = 20
+) -> list[Hypothesis]:
+    return _sample_loop(decoder, features, max_length, pick=lambda logp: logp.argmax(dim=1))
+
+
+@torch.inference_mode()
+def sample(
+    decoder: CaptionDecoder,
+    features: torch.Tensor,
+    max_length: int = 20,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    generator: torch.Generator | None = None,
+) -> list[Hypothesis]:
+    """Ancestral sampling from softmax(logits / temperature), restricted to the top_k words if > 0."""
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    if top_k < 0:
+        raise ValueError(f"top_k must be >= 0, got {top_k}")
+
+    def pick(logp: torch.Tensor) -> torch.Tensor:
+        logits = logp / temperature
+        if top_k:
+            kth = logits.topk(min(top_k, logits.shape[1]), dim=1).values[:, -1:]
+            logits = logits.masked_fill(logits < kth, float("-inf"))
+        return torch.multinomial(logits.softmax(dim=1), 1, generator=generator).squeeze(1)
+
+    return _sample_loop(decoder, features, max_length, pick)
+
+
+def _sample_loop(
+    decoder: CaptionDecoder, features: torch.Tensor, max_length: int, pick
+) -> list[Hypothesis]:
+    _check(features, max_length)
+    B = features.shape[0]
+    memory = decoder.memory(features)
+    state = decoder.init_state(memory)
+    prev = torch.full((B,), START, dtype=torch.long, device=features.device)
+    words, logps, alphas = [], [], []
+    done = torch.zeros(B, dtype=torch.bool, device=features.device)
+    for _ in range(max_length):
+        logits, alpha, state = decoder.step(memory, state, prev)
+        logp = _log_probs(logits)  # (B, V)
+        prev = pick(logp)
+        words.append(prev)
+        logps.append(logp.gather(1, prev.unsqueeze(1)).squeeze(1))
+        alphas.append(alpha)
+        done |= prev == END
+        if bool(done.all()):
+            break
+    words_t, logps_t = torch.stack(words, 1).tolist(), torch.stack(logps, 1).tolist()
+    alphas_t = torch.stack(alphas, 1).float().cpu() if alphas[0] is not None else None  # (B, T, L)
+    out = []
+    for i in range(B):
+        n = words_t[i].index(END) if END in words_t[i] else len(words_t[i])
+        finished = n < len(words_t[i])
+        score = sum(logps_t[i][: n + 1]) if finished else sum(logps_t[i][:n])
+        att = alphas_t[i, :n] if alphas_t is not None else None
+        out.append(Hypothesis(words_t[i][:n], logps_t[i][:n], att, score, finished))
+    return out
+
+
+def length_penalty_factor(length: int, alpha: float) -> float:
+    """GNMT length normalisation (Wu et al., 2016): ((5 + |Y|) / 6) ** alpha; 1 when alpha is 0."""
+    return ((5.0 + length) / 6.0) ** alpha
+
+
+@torch.inference_mode()
+def beam_search(
+    decoder: CaptionDecoder,
+    features: torch.Tensor,
+    beam_size: int = 3,
+    max_length: int = 20,
+    length_penalty: float = 0.0,
+    n_best: int = 1,
+) -> list[list[Hypothesis]]:
+    """Beam search over all images at once; returns the `n_best` hypotheses per image, best first.
+
+    All beams of all images live in one (rows = images x beams) batch. Each step takes the top 2k
+    continuations per image: those ending in `<end>` among the top k are retired into the image's
+    finished list, the best k others stay alive. An image leaves the batch (its rows are dropped)
+    once it has k finished hypotheses and no live beam can still beat them; beam size 1 is greedy.
+    """
+    _check(features, max_length)
+    if not 1 <= beam_size <= 100:
+        raise ValueError(f"beam_size must be in 1..100, got {beam_size}")
+    if not 1 <= n_best <= beam_size:
+        raise ValueError(f"n_best must be in 1..beam_size ({beam_size}), got {n_best}")
+    if length_penalty < 0:
+        raise ValueError(f"length_penalty must be >= 0, got {length_penalty}")
+    B, L, device, k = features.shape[0], features.shape[1], features.device, beam_size
+    memory = decoder.memory(features)  # the attention projection, once per image
+    memory = memory.index_select(torch.arange(B, device=device).repeat_interleave(k))
+    state = decoder.init_state(memory)
+    scores = torch.full((B, k), float("-inf"), device=device)
+    scores[:, 0] = 0.0  # all beams start identical: expand only the first
+    prev = torch.full((B * k,), START, dtype=torch.long, device=device)
+    tokens = torch.empty(B * k, 0, dtype=torch.long, device=device)
+    logps = torch.empty(B * k, 0, device=device)
+    alphas = torch.empty(B * k, 0, L, device=device) if decoder.attend is not None else None
+    active = list(range(B))  # which image each group of k rows belongs to
+    finished: list[list[Hypothesis]] = [[] for _ in range(B)]
+    bound = length_penalty_factor(max_length, length_penalty)
+    for t in range(max_length):
+        logits, alpha, state = decoder.step(memory, state, prev)
+        logp = _log_probs(logits)  # (n*k, V)
+        n, V = len(active), logp.shape[1]
+        cand = (scores.view(n * k, 1) + logp).view(n, k * V)
+        top_scores, top_idx = cand.topk(min(2 * k, k * V), dim=1)  # (n, 2k)
+        beam, word = top_idx // V, top_idx % V
+        is_end = word == END
+        # The best k candidates that do not end stay alive.
+        alive = ~is_end & (torch.cumsum(~is_end, dim=1) <= k)
+        keep_scores = top_scores[alive].view(n, k)
+        rows = (torch.arange(n, device=device).unsqueeze(1) * k + beam)[alive].view(-1)  # (n*k,)
+        keep_words = word[alive].view(-1)
+        tokens_ended, logps_ended = tokens, logps
+        alphas_ended = alphas
+
+        # Retire the finished candidates (host-side bookkeeping on small tensors).
+        ends = (is_end & (torch.arange(top_idx.shape[1], device=device) < k)).nonzero().tolist()
+        if ends:
+            top_scores_l, beam_l = top_scores.tolist(), beam.tolist()
+            for i, r in ends:
+                raw = top_scores_l[i][r]
+                if raw == float("-inf"):
+                    continue
+                row = i * k + beam_l[i][r]
+                att = alphas_ended[row].float().cpu() if alphas_ended is not None else None
+                finished[active[i]].append(
+                    Hypothesis(
+                        tokens_ended[row].tolist(),
+                        logps_ended[row].tolist(),
+                        att,
+                        raw / length_penalty_factor(t + 1, length_penalty),
+                        True,
+                    )
+                )
+
+        step_logp = logp.view(n * k, V)[rows, keep_words]
+        tokens = torch.cat([tokens[rows], keep_words.unsqueeze(1)], dim=1)
+        logps = torch.cat([logps[rows], step_logp.unsqueeze(1)], dim=1)
+        if alphas is not None:
+            alphas = torch.cat([alphas[rows], alpha[rows].unsqueeze(1)], dim=1)
+        state = _reorder(state, rows)
+        scores, prev = keep_scores, keep_words
+
+        # Which images are done: k finished and no live beam can still beat the k-th of them.
+        best_alive = (scores.max(dim=1).values / bound).tolist()
+        last = t == max_length - 1
+        still = []
+        for i, img in enumerate(active):
+            fin = sorted(finished[img], key=lambda h: -h.score)[:k]
+            finished[img] = fin
+            if last:
+                if len(fin) < n_best:  # cut at max_length: the live beams become results
+                    for j in range(k):
+                        raw = float(scores[i, j])
+                        if raw == float("-inf"):
+                            continue
+                        row = i * k + j
+                        att = alphas[row].float().cpu() if alphas is not None else None
+                        fin.append(
+                            Hypothesis(
+                                tokens[row].tolist(),
+                                logps[row].tolist(),
+                                att,
+                                raw / length_penalty_factor(t + 1, length_penalty),
+                                False,
+                            )
+                        )
+            elif not (len(fin) >= k and best_alive[i] <= fin[-1].score):
+                still.append(i)
+        if not still:
+            break
+        if len(still) < n:
+            keep = torch.tensor(still, device=device)
+            keep_rows = (keep.unsqueeze(1) * k + torch.arange(k, device=device)).view(-1)
+            memory = memory.index_select(keep_rows)
+            state = _reorder(state, keep_rows)
+            tokens, logps, prev = tokens[keep_rows], logps[keep_rows], prev[keep_rows]
+            alphas = alphas[keep_rows] if alphas is not None else None
+            scores = scores[keep]
+            active = [active[i] for i in still]
+    return [sorted(f, key=lambda h: -h.score)[:n_best] for f in finished]

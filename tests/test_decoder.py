@@ -1,0 +1,94 @@
+import pytest
+import torch
+
+from captioner.decoder import DecoderConfig
+from tests.conftest import tiny_model
+
+CAPS = torch.tensor([[1, 5, 6, 7, 2, 0], [1, 8, 2, 0, 0, 0], [1, 9, 10, 11, 12, 2]])
+
+
+@pytest.mark.parametrize(
+    "variant",
+    [
+        dict(),
+        dict(cell="gru"),
+        dict(cell="rnn"),
+        dict(num_layers=2, dropout=0.3),
+        dict(attention=False),
+        dict(positional=True),
+    ],
+    ids=["lstm", "gru", "rnn", "lstm2", "no-attention", "positional"],
+)
+def test_every_parameter_gets_a_finite_gradient(variant):
+    model = tiny_model(**variant).train()
+    logits, loss = model(torch.randn(3, 3, 32, 32), CAPS)
+    assert logits.shape == (3, 5, 30)
+    assert torch.isfinite(loss)
+    loss.backward()
+    for name, p in model.named_parameters():
+        if name.endswith("embedding.weight"):
+            assert p.grad is not None
+            continue
+        assert p.grad is not None, name
+        assert torch.isfinite(p.grad).all(), name
+        assert p.grad.abs().sum() > 0, name
+
+
+def test_padding_is_not_computed_and_does_not_change_outputs():
+    model = tiny_model().eval()
+    feats = model.features(torch.randn(3, 3, 32, 32))
+    logits, loss, alphas = model.decoder(feats, CAPS)
+    # Logits at padded steps are never computed.
+    assert torch.all(logits[0, 4:] == 0) and torch.all(logits[1, 2:] == 0)
+    # Extra padding columns change nothing.
+    padded = torch.cat([CAPS, torch.zeros(3, 4, dtype=torch.long)], dim=1)
+    logits2, loss2, _ = model.decoder(feats, padded)
+    torch.testing.assert_close(logits2[:, :5], logits)
+    torch.testing.assert_close(loss2, loss)
+    # Each caption alone gives the same logits as in the batch.
+    for i in range(3):
+        n = int((CAPS[i] != 0).sum())
+        alone, _, _ = model.decoder(feats[i : i + 1], CAPS[i : i + 1, :n])
+        torch.testing.assert_close(alone[0], logits[i, : n - 1], atol=1e-5, rtol=1e-5)
+
+
+def test_attention_maps_sum_to_one_on_real_steps():
+    model = tiny_model().eval()
+    _, _, alphas = model.decoder(model.features(torch.randn(3, 3, 32, 32)), CAPS)
+    assert alphas.shape == (3, 5, 16)
+    torch.testing.assert_close(alphas[2].sum(-1), torch.ones(5))
+    torch.testing.assert_close(alphas[1, 0].sum(), torch.tensor(1.0))
+
+
+def test_doubly_stochastic_term_adds_to_the_loss():
+    torch.manual_seed(0)
+    x = torch.randn(3, 3, 32, 32)
+    _, with_term = tiny_model(doubly_stochastic=1.0).eval()(x, CAPS)
+    _, without = tiny_model(doubly_stochastic=0.0).eval()(x, CAPS)
+    assert with_term > without
+
+
+def test_lstm_forget_gate_bias_is_one():
+    model = tiny_model()
+    cell = model.decoder.cells[0]
+    h = model.decoder.config.hidden_dim
+    total = cell.bias_ih + cell.bias_hh
+    assert torch.all(total[h : 2 * h] == 1) and torch.all(total[:h] == 0)
+
+
+def test_bad_configs_and_captions_are_clear_errors():
+    with pytest.raises(ValueError, match="cell"):
+        DecoderConfig(vocab_size=5, feature_dim=4, grid_cells=4, cell="transformer")
+    with pytest.raises(ValueError, match="dropout"):
+        DecoderConfig(vocab_size=5, feature_dim=4, grid_cells=4, dropout=1.5)
+    model = tiny_model()
+    with pytest.raises(ValueError, match="at least"):
+        model(torch.randn(1, 3, 32, 32), torch.tensor([[1, 0, 0]]))
+
+
+def test_precomputed_features_equal_images():
+    model = tiny_model().eval()
+    x = torch.randn(3, 3, 32, 32)
+    a, _ = model(x, CAPS)
+    b, _ = model(model.features(x), CAPS)
+    torch.testing.assert_close(a, b)
