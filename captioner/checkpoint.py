@@ -30,10 +30,12 @@ def save_model_dir(
     config: dict[str, Any],
     state_dict: dict[str, torch.Tensor],
     files: dict[str, Any] | None = None,
+    tensors: dict[str, dict[str, torch.Tensor]] | None = None,
 ) -> Path:
     """Write a model folder atomically: everything goes to a temporary sibling, then one rename.
 
-    `files` maps extra JSON file names (e.g. `vocab.json`, `training.json`) to JSON-able data. An
+    `files` maps extra JSON file names (e.g. `vocab.json`, `training.json`) to JSON-able data and
+    `tensors` extra `*.safetensors` names to tensor dicts (optimizer state for resuming). An
     existing folder at `path` is replaced only after the new one is complete.
     """
     path = Path(path)
@@ -47,11 +49,12 @@ def save_model_dir(
                     f"side file name must be a plain *.json name other than {CONFIG}, got {name!r}"
                 )
             _write_json(tmp / name, data)
-        from safetensors.torch import save_file
-
-        tensors = {k: v.detach().to("cpu").contiguous() for k, v in state_dict.items()}
-        save_file(tensors, str(tmp / WEIGHTS), metadata={"format": "pt"})
-        _fsync(tmp / WEIGHTS)
+        for name, data in {WEIGHTS: state_dict, **(tensors or {})}.items():
+            if Path(name).name != name or not name.endswith(".safetensors"):
+                raise ValueError(
+                    f"tensor file name must be a plain *.safetensors name, got {name!r}"
+                )
+            save_tensors(tmp / name, data)
         if path.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old-", dir=path.parent))
             os.replace(path, old / path.name)
@@ -127,6 +130,22 @@ def check_state_dict(
             )
         raise ModelDirError(f"weights in {where} do not match its config.json: " + "; ".join(parts))
     model.load_state_dict(state_dict, strict=True)
+
+
+def save_tensors(file: Path, tensors: dict[str, torch.Tensor]) -> None:
+    from safetensors.torch import save_file
+
+    save_file(
+        {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()},
+        str(file),
+        metadata={"format": "pt"},
+    )
+    _fsync(file)
+
+
+def load_tensors(file: str | Path) -> dict[str, torch.Tensor]:
+    """A `*.safetensors` file of a model folder (weights or optimizer state), as CPU tensors."""
+    return _read_weights(Path(file))
 
 
 def _read_weights(file: Path) -> dict[str, torch.Tensor]:

@@ -1,0 +1,1 @@
+"""Scripts: make datasets, train, evaluate, caption a folder."""

@@ -1,0 +1,259 @@
+"""What the training scripts share: distributed setup, run folders, resumable state, progress.
+
+Written by hand where no library fits the project's rules: optimizer state is stored as safetensors
+plus JSON (not `torch.save`), because model folders are never unpickled.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import tempfile
+from collections.abc import Iterable, Iterator
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+# -- distributed -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Dist:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+
+def setup_distributed(device: str = "auto") -> Dist:
+    """Read torchrun's environment; init NCCL on GPUs or gloo on CPUs when there are >1 processes."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
+        raise ValueError(f"device must be auto, cpu or cuda, got {device!r}")
+    if device.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise ValueError("device cuda was asked for but no CUDA device is available")
+        dev = torch.device("cuda", local) if device == "cuda" else torch.device(device)
+        torch.cuda.set_device(dev)
+    else:
+        dev = torch.device("cpu")
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo")
+    return Dist(rank, world, local, dev)
+
+
+def cleanup_distributed() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def all_reduce_mean(value: float, d: Dist) -> float:
+    if not d.enabled:
+        return value
+    t = torch.tensor([value], dtype=torch.float64, device=d.device)
+    dist.all_reduce(t)
+    return float(t) / d.world_size
+
+
+def barrier(d: Dist) -> None:
+    if d.enabled:
+        dist.barrier()
+
+
+def autocast(device: torch.device, enabled: bool):
+    """bf16 autocast on CUDA when asked (no loss scaling needed); a no-op on CPU."""
+    if enabled and device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return nullcontext()
+
+
+# -- reproducibility ---------------------------------------------------------------------------
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def epoch_order(n: int, seed: int, epoch: int, d: Dist) -> list[int]:
+    """The sample order for one epoch: a fixed permutation of (seed, epoch), sharded by rank.
+
+    Every rank gets the same number of samples (the tail is padded by wrapping), as
+    DistributedSampler does, so all ranks run the same number of steps.
+    """
+    g = torch.Generator().manual_seed(seed * 1000 + epoch)
+    order = torch.randperm(n, generator=g).tolist()
+    per_rank = math.ceil(n / d.world_size)
+    order += order[: per_rank * d.world_size - n]
+    return order[d.rank :: d.world_size]
+
+
+def batches(order: list[int], batch_size: int, skip: int = 0) -> Iterator[list[int]]:
+    for start in range(skip * batch_size, len(order), batch_size):
+        yield order[start : start + batch_size]
+
+
+# -- optimizer state as tensors + JSON ---------------------------------------------------------
+
+
+def optimizer_state(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
+    """Split an optimizer's state dict into tensors (for safetensors) and plain JSON."""
+    sd = optimizer.state_dict()
+    tensors: dict[str, torch.Tensor] = {}
+    plain: dict[str, dict[str, Any]] = {}
+    for pid, state in sd["state"].items():
+        for key, value in state.items():
+            if torch.is_tensor(value):
+                tensors[f"{pid}.{key}"] = value
+            else:
+                plain.setdefault(str(pid), {})[key] = value
+    return tensors, {"param_groups": sd["param_groups"], "state": plain}
+
+
+def load_optimizer_state(
+    optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], meta: dict
+) -> None:
+    state: dict[int, dict[str, Any]] = {}
+    for name, value in tensors.items():
+        pid, key = name.split(".", 1)
+        state.setdefault(int(pid), {})[key] = value
+    for pid, extra in meta.get("state", {}).items():
+        state.setdefault(int(pid), {}).update(extra)
+    optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+
+
+def warmup_cosine(
+    optimizer: torch.optim.Optimizer, total_steps: int, warmup_steps: int, floor: float = 0.05
+):
+    """Linear warm-up then cosine decay to `floor` x the base rate, as a LambdaLR."""
+
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / max(1, warmup_steps)
+        progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+# -- run folders -------------------------------------------------------------------------------
+
+
+def write_json_atomic(path: str | Path, data: Any) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(data, f, indent=2)
+            f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+class MetricsLog:
+    """Metrics per epoch as JSON lines (`metrics.jsonl`), and to TensorBoard when it is installed."""
+
+    def __init__(self, run_dir: Path, enabled: bool = True):
+        self.path = run_dir / "metrics.jsonl"
+        self.enabled = enabled
+        self.tb = None
+        if enabled:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.tb = SummaryWriter(str(run_dir / "tensorboard"))
+            except ImportError:
+                self.tb = None
+
+    def log(self, step: int, record: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(json.dumps({"step": step, **record}) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        if self.tb is not None:
+            for key, value in record.items():
+                if isinstance(value, (int, float)):
+                    self.tb.add_scalar(key, value, step)
+            self.tb.flush()
+
+    def truncate_after(self, step: int) -> None:
+        """On resume, drop lines logged after the checkpoint we resume from."""
+        if not (self.enabled and self.path.exists()):
+            return
+        kept = [
+            line
+            for line in self.path.read_text(encoding="utf-8").splitlines()
+            if line.strip() and _step_of(line) is not None and _step_of(line) <= step
+        ]
+        write_text_atomic(self.path, "".join(line + "\n" for line in kept))
+
+
+def _step_of(line: str) -> int | None:
+    try:
+        return int(json.loads(line)["step"])
+    except (ValueError, KeyError, TypeError):
+        return None  # a torn last line from a crash
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+class EarlyStopping:
+    """Stop when the watched metric has not improved for `patience` evaluations (higher is better)."""
+
+    def __init__(self, patience: int, best: float = -math.inf, bad: int = 0):
+        self.patience, self.best, self.bad = patience, best, bad
+
+    def update(self, value: float) -> bool:
+        """Record a new value; True when it is the best so far."""
+        if value > self.best:
+            self.best, self.bad = value, 0
+            return True
+        self.bad += 1
+        return False
+
+    @property
+    def should_stop(self) -> bool:
+        return self.patience > 0 and self.bad >= self.patience
+
+    def state(self) -> dict[str, float | int]:
+        return {"best": self.best, "bad": self.bad}
+
+
+def progress(iterable: Iterable, total: int | None = None, desc: str = "", enabled: bool = True):
+    from tqdm import tqdm
+
+    return tqdm(
+        iterable, total=total, desc=desc, disable=not enabled, dynamic_ncols=True, leave=False
+    )
