@@ -1,0 +1,214 @@
+"""Write the shapes-world dataset in the project's two on-disk formats, plus object masks.
+
+    python -m training.make_shapes --out data/shapes --train 5000 --val 500 --test 500 --seed 0
+
+Per split, DIR/<split>/ holds `images/<id>.png`, `captions.json` (MS-COCO captions),
+`questions.json` + `annotations.json` (VQA v2) and `objects.json` (each object's shape, colour, size,
+centre, bbox and COCO RLE mask). The same seed gives byte-identical files; each split's scenes depend
+only on (seed, split name), and image ids never collide across splits.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing
+import os
+import re
+import tempfile
+from collections.abc import Sequence
+from concurrent.futures import ProcessPoolExecutor
+from itertools import repeat
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tqdm import tqdm
+
+from captioner.shapes import (
+    Scene,
+    ShapeObject,
+    derive_seed,
+    encode_mask,
+    generate_split,
+    object_mask,
+    render,
+)
+
+__all__ = [
+    "generate_split",
+    "get_args_parser",
+    "main",
+    "object_record",
+    "split_seed",
+    "write_split",
+]
+
+SPLITS = ("train", "val", "test")
+IDS_PER_SPLIT = 10_000_000
+JSON_FILES = ("captions.json", "questions.json", "annotations.json", "objects.json")
+_IMAGE_NAME = re.compile(r"^\d{12}\.png$")
+
+
+def split_seed(seed: int, split: str) -> int:
+    """The seed of one split: adding or resizing another split never changes this one."""
+    return derive_seed(seed, split)
+
+
+def first_id(split: str) -> int:
+    """Image ids of split k start at k * IDS_PER_SPLIT + 1, so they are unique across splits."""
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {', '.join(SPLITS)}, got {split!r}")
+    return SPLITS.index(split) * IDS_PER_SPLIT + 1
+
+
+def object_record(obj: ShapeObject, size: int) -> dict[str, Any]:
+    """One object of objects.json: attributes, centre, bbox [x, y, w, h], area and COCO RLE mask."""
+    mask = object_mask(obj, size)
+    ys, xs = np.nonzero(mask)
+    x0, y0 = int(xs.min()), int(ys.min())
+    return {
+        "shape": obj.shape,
+        "color": obj.color,
+        "size": obj.size,
+        "center": list(obj.center),
+        "bbox": [x0, y0, int(xs.max()) - x0 + 1, int(ys.max()) - y0 + 1],
+        "area": int(mask.sum()),
+        "mask": encode_mask(mask),
+    }
+
+
+def _render_scene(scene: Scene, images_dir: Path) -> list[dict[str, Any]]:
+    render(scene).save(images_dir / scene.file_name, format="PNG")
+    return [object_record(obj, scene.size) for obj in scene.objects]
+
+
+def _write_json(path: Path, data: Any) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(data, f, separators=(",", ":"))
+            f.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _vqa_records(scenes: Sequence[Scene]) -> tuple[list[dict], list[dict]]:
+    """VQA v2 questions and annotations (10 identical answers each); question id = image id * 100
+    + k."""
+    questions, answers = [], []
+    for s in scenes:
+        for k, q in enumerate(s.questions):
+            qid = s.image_id * 100 + k
+            questions.append({"image_id": s.image_id, "question": q.question, "question_id": qid})
+            ten = [
+                {"answer": q.answer, "answer_confidence": "yes", "answer_id": i}
+                for i in range(1, 11)
+            ]
+            answers.append(
+                {
+                    "question_id": qid,
+                    "image_id": s.image_id,
+                    "question_type": q.question_type,
+                    "answer_type": q.answer_type,
+                    "multiple_choice_answer": q.answer,
+                    "answers": ten,
+                }
+            )
+    return questions, answers
+
+
+def write_split(
+    scenes: Sequence[Scene],
+    out_dir: str | Path,
+    *,
+    split: str | None = None,
+    seed: int | None = None,
+    workers: int = 1,
+    progress: bool | None = None,
+) -> None:
+    """Write `scenes` into `out_dir`: images first, the JSON files last (each by temp file and
+    rename, after removing old ones), so no JSON ever names an image that is not there.
+    `progress=None` shows a bar only on a terminal."""
+    if workers < 1:
+        raise ValueError(f"workers must be >= 1, got {workers}")
+    out_dir = Path(out_dir)
+    split = split or out_dir.name
+    images_dir = out_dir / "images"
+    images_dir.mkdir(parents=True, exist_ok=True)
+    for name in JSON_FILES:
+        (out_dir / name).unlink(missing_ok=True)
+
+    disable = None if progress is None else not progress  # tqdm: None means "not on a terminal"
+    bar = dict(total=len(scenes), desc=f"{split} images", disable=disable, leave=False)
+    if workers == 1 or len(scenes) < 64:
+        records = list(tqdm(map(_render_scene, scenes, repeat(images_dir)), **bar))
+    else:
+        spawn = multiprocessing.get_context("spawn")  # forking a threaded parent is unsafe
+        with ProcessPoolExecutor(workers, mp_context=spawn) as pool:
+            jobs = pool.map(_render_scene, scenes, repeat(images_dir), chunksize=32)
+            records = list(tqdm(jobs, **bar))
+    wanted = {s.file_name for s in scenes}
+    for path in images_dir.iterdir():  # images of an earlier, larger run into this folder
+        if _IMAGE_NAME.match(path.name) and path.name not in wanted:
+            path.unlink()
+
+    size = scenes[0].size if scenes else None
+    info = {"description": "shapes world (captioner.shapes)", "version": "1.0", "split": split}
+    info.update(seed=seed, split_seed=None if seed is None else split_seed(seed, split))
+    info.update(image_size=size, images=len(scenes))
+    images = [
+        {"id": s.image_id, "file_name": s.file_name, "width": s.size, "height": s.size}
+        for s in scenes
+    ]
+    questions, answers = _vqa_records(scenes)
+    vqa = {"task_type": "Open-Ended", "data_type": "shapes", "data_subtype": split}
+    objects = [{"image_id": img["id"], **img, "objects": rec} for img, rec in zip(images, records)]
+    _write_json(out_dir / "objects.json", {"info": info, "images": objects})
+    _write_json(out_dir / "questions.json", {"info": info, **vqa, "questions": questions})
+    _write_json(out_dir / "annotations.json", {"info": info, **vqa, "annotations": answers})
+    captions = [
+        {"id": s.image_id * 10 + k, "image_id": s.image_id, "caption": c}
+        for s in scenes
+        for k, c in enumerate(s.captions)
+    ]
+    coco = {"info": info, "licenses": [], "images": images, "annotations": captions}
+    _write_json(out_dir / "captions.json", coco)
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        description="Generate the shapes-world dataset: PNG images with COCO-format captions, "
+        "VQA v2-format questions and answers, and per-object COCO RLE masks.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument(
+        "--out", type=Path, required=True, help="output folder (one subfolder per split)"
+    )
+    parser.add_argument("--train", type=int, default=1000, help="number of training images")
+    parser.add_argument("--val", type=int, default=200, help="number of validation images")
+    parser.add_argument("--test", type=int, default=200, help="number of test images")
+    parser.add_argument("--seed", type=int, default=0, help="same seed, byte-identical output")
+    parser.add_argument("--size", type=int, default=128, help="image width and height in pixels")
+    parser.add_argument(
+        "--workers", type=int, default=1, help="processes that draw and save the images"
+    )
+    return parser
+
+
+def main(args: argparse.Namespace) -> None:
+    for split in SPLITS:
+        n = getattr(args, split)
+        if not 0 <= n < IDS_PER_SPLIT:
+            raise ValueError(f"--{split} must be in 0..{IDS_PER_SPLIT - 1}, got {n}")
+    for split in SPLITS:
+        n = getattr(args, split)
+        scenes = generate_split(n, split_seed(args.seed, split), args.size, first_id(split))
+        write_split(scenes, args.out / split, split=split, seed=args.seed, workers=args.workers)
+        print(f"{split}: {n} images -> {args.out / split}")
+
+
+if __name__ == "__main__":
+    main(get_args_parser().parse_args())
