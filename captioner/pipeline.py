@@ -22,7 +22,7 @@ from PIL import Image
 from .checkpoint import check_state_dict, load_model_dir, save_model_dir
 from .decoder import DecoderConfig
 from .encoder import EncoderConfig
-from .image import DEFAULT_MAX_PIXELS, load_image, preprocess_batch
+from .image import DEFAULT_MAX_PIXELS, load_image, preprocess_batch, to_rgb
 from .model import CaptionModel
 from .search import Hypothesis, beam_search, greedy, sample
 from .vocab import Vocabulary, detokenize

@@ -1,0 +1,97 @@
+"""The `captioner` command: caption images, ask a question about one, or serve the API."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+
+from .paths import DEFAULT_CAPTION_MODEL, DEFAULT_VQA_MODEL
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="captioner", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    cap = sub.add_parser("caption", help="caption images; prints one JSON object per image")
+    cap.add_argument("images", nargs="+", help="image files")
+    cap.add_argument("--model", default=str(DEFAULT_CAPTION_MODEL), help="captioner model folder")
+    cap.add_argument("--beam-size", type=int, default=3, help="beam width (1 = greedy)")
+    cap.add_argument("--max-length", type=int, default=20, help="longest caption in words")
+    cap.add_argument("--batch-size", type=int, default=16, help="images per batch")
+    cap.add_argument("--attention", action="store_true", help="include per-word attention maps")
+    cap.add_argument("--device", default="cpu", help="cpu or cuda")
+
+    ask = sub.add_parser("ask", help="answer a question about an image; prints JSON")
+    ask.add_argument("image", help="image file")
+    ask.add_argument("question", help="the question, e.g. 'what color is the circle?'")
+    ask.add_argument("--model", default=str(DEFAULT_VQA_MODEL), help="VQA model folder")
+    ask.add_argument("--top-k", type=int, default=3, help="how many answers to list")
+    ask.add_argument("--device", default="cpu", help="cpu or cuda")
+
+    serve = sub.add_parser("serve", help="start the HTTP service (uvicorn)")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument(
+        "--caption-model", default=None, help="captioner folder (default: the demo model)"
+    )
+    serve.add_argument("--vqa-model", default=None, help="VQA folder (default: the demo model)")
+    return parser
+
+
+def caption_main(args: argparse.Namespace) -> int:
+    from .image import ImageError, load_image
+    from .pipeline import Captioner
+
+    if args.batch_size < 1:
+        raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
+    captioner = Captioner.load(args.model, device=args.device)
+    failed = 0
+    for start in range(0, len(args.images), args.batch_size):
+        paths, images = [], []
+        for path in args.images[start : start + args.batch_size]:
+            try:
+                images.append(load_image(path))
+                paths.append(path)
+            except ImageError as exc:
+                failed += 1
+                print(f"captioner: skipping {path}: {exc}", file=sys.stderr)
+        results = captioner.caption(images, beam_size=args.beam_size, max_length=args.max_length)
+        for path, result in zip(paths, results, strict=True):
+            print(
+                json.dumps({"image": path, **result.to_dict(attention=args.attention)}), flush=True
+            )
+    return 1 if failed else 0
+
+
+def ask_main(args: argparse.Namespace) -> int:
+    from .vqa import ask
+
+    print(
+        json.dumps(ask(args.image, args.question, args.model, top_k=args.top_k, device=args.device))
+    )
+    return 0
+
+
+def serve_main(args: argparse.Namespace) -> int:
+    from api.server import serve
+
+    serve(
+        host=args.host, port=args.port, caption_model=args.caption_model, vqa_model=args.vqa_model
+    )
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = get_args_parser().parse_args(argv)
+    run = {"caption": caption_main, "ask": ask_main, "serve": serve_main}[args.command]
+    try:
+        return run(args)
+    except ValueError as exc:  # library errors name the bad value; no traceback for bad input
+        print(f"captioner: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
