@@ -54,7 +54,7 @@ def as_images(
     images: Sequence[ImageInput], max_pixels: int = DEFAULT_MAX_PIXELS
 ) -> list[Image.Image]:
     return [
-        im.convert("RGB") if isinstance(im, Image.Image) else load_image(im, max_pixels)
+        to_rgb(im) if isinstance(im, Image.Image) else load_image(im, max_pixels)
         for im in images
     ]
 
