@@ -166,14 +166,16 @@ class CaptionDecoder(nn.Module):
 
     # -- teacher forcing -----------------------------------------------------------------------
     def forward(
-        self, features: torch.Tensor, captions: torch.Tensor
+        self, features: torch.Tensor, captions: torch.Tensor, sample_prob: float = 0.0
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """features (B, L, D), captions (B, T) as `<start> w1 .. wn <end> <pad>..`.
 
         Returns logits (B, T-1, V) predicting captions[:, 1:] (zeros at padded steps), the loss
         (cross-entropy over real tokens plus the doubly stochastic term), and attention (B, T-1, L).
         Each step runs only on the captions still going: they are sorted by length, so the live
-        ones are a prefix of the batch and no computation is spent on padding.
+        ones are a prefix of the batch and no computation is spent on padding. With
+        `sample_prob` > 0 (scheduled sampling, Bengio et al., 2015) each input word after the first
+        is, with that probability, the model's own previous prediction instead of the reference.
         """
         if captions.dim() != 2 or captions.shape[0] != features.shape[0]:
             raise ValueError(
@@ -201,7 +203,11 @@ class CaptionDecoder(nn.Module):
                     [h[:n] for h in state[0]],
                     None if state[1] is None else [c[:n] for c in state[1]],
                 )
-            step_logits, alpha, state = self.step(memory, state, captions[:n, t])
+            inputs = captions[:n, t]
+            if sample_prob > 0 and t > 0:
+                own = logits[:n, t - 1].detach().argmax(dim=1)
+                inputs = torch.where(torch.rand(n, device=inputs.device) < sample_prob, own, inputs)
+            step_logits, alpha, state = self.step(memory, state, inputs)
             logits[:n, t] = step_logits
             if alphas is not None:
                 alphas[:n, t] = alpha

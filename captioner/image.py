@@ -177,16 +177,25 @@ def _check_input_size(size: int) -> None:
         raise ValueError(f"size must be a positive int, got {size!r}")
 
 
-def preprocess(image: Image.Image, size: int) -> torch.Tensor:
-    """Image to a `(3, size, size)` float32 tensor: squashed (no crop) with antialiased bilinear
-    resizing, scaled to [0, 1] and normalised with the ImageNet mean and std."""
+def resize(image: Image.Image, size: int) -> torch.Tensor:
+    """Image to a `(3, size, size)` uint8 tensor: squashed (no crop), antialiased bilinear."""
     _check_input_size(size)
     if image.mode != "RGB":
         image = to_rgb(image)
     resized = image.resize((int(size), int(size)), Image.Resampling.BILINEAR)  # antialiased in PIL
-    pixels = np.asarray(resized, dtype=np.float32) / 255.0  # (size, size, 3)
-    pixels = (pixels - np.float32(IMAGENET_MEAN)) / np.float32(IMAGENET_STD)
-    return torch.from_numpy(pixels.transpose(2, 0, 1).copy())  # (3, size, size)
+    return torch.from_numpy(np.asarray(resized).transpose(2, 0, 1).copy())  # (3, size, size)
+
+
+def normalize(pixels: torch.Tensor) -> torch.Tensor:
+    """uint8 `(..., 3, H, W)` to float32 scaled to [0, 1] and normalised with the ImageNet mean/std."""
+    mean = torch.tensor(IMAGENET_MEAN, dtype=torch.float32, device=pixels.device).view(3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, dtype=torch.float32, device=pixels.device).view(3, 1, 1)
+    return (pixels.to(torch.float32) / 255.0 - mean) / std
+
+
+def preprocess(image: Image.Image, size: int) -> torch.Tensor:
+    """The one preprocessing of training and serving: `normalize(resize(image, size))`, (3, S, S)."""
+    return normalize(resize(image, size))
 
 
 def preprocess_batch(images: Sequence[Image.Image], size: int) -> torch.Tensor:

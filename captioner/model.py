@@ -57,8 +57,10 @@ class CaptionModel(nn.Module):
         )
 
     def forward(
-        self, images_or_features: torch.Tensor, captions: torch.Tensor
+        self, images_or_features: torch.Tensor, captions: torch.Tensor, sample_prob: float = 0.0
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Teacher-forced `(logits (B, T-1, V), loss)`; decoding lives in `captioner.search`."""
-        logits, loss, _ = self.decoder(self.features(images_or_features), captions)
+        """Teacher-forced `(logits (B, T-1, V), loss)`; decoding lives in `captioner.search`.
+
+        `sample_prob` > 0 turns on scheduled sampling (see `CaptionDecoder.forward`)."""
+        logits, loss, _ = self.decoder(self.features(images_or_features), captions, sample_prob)
         return logits, loss
