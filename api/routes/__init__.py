@@ -1,0 +1,1 @@
+"""One router per resource: caption, vqa, health (health/ready/metrics/models), page."""

@@ -1,0 +1,107 @@
+"""`POST /caption` and `POST /caption/batch`."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from fastapi import APIRouter, File, HTTPException, Query, Request, UploadFile
+from PIL import Image
+from starlette.concurrency import run_in_threadpool
+
+from captioner.pipeline import CaptionResult
+
+from ..attention import AttentionFormat, attention_payload
+from ..deps import ApiKeyDep, CaptionerDep, SettingsDep
+from ..schemas import ERRORS, CaptionBatchResponse, CaptionResponse
+from ..uploads import decoded_upload, with_timeout
+
+router = APIRouter(tags=["caption"], dependencies=[ApiKeyDep], responses=ERRORS)
+
+BeamSize = Annotated[int, Query(ge=1, le=10, description="beam width; 1 is greedy decoding")]
+MaxLength = Annotated[int, Query(ge=1, le=50, description="longest caption, in words")]
+AttentionQuery = Annotated[
+    AttentionFormat,
+    Query(description="none; grid: [T][h][w] weights; png: T base64 heatmaps over the image"),
+]
+
+
+def caption_body(
+    result: CaptionResult, image: Image.Image, attention: AttentionFormat, model: dict[str, str]
+) -> dict[str, Any]:
+    return {
+        "caption": result.caption,
+        "tokens": result.tokens,
+        "token_logprobs": result.token_logprobs,
+        "attention": attention_payload(attention, result.attention, image),
+        "model": model,
+    }
+
+
+@router.post("/caption", response_model=CaptionResponse, summary="Caption one image")
+async def caption(
+    request: Request,
+    service: CaptionerDep,
+    settings: SettingsDep,
+    image: Annotated[UploadFile, File(description="the image (JPEG, PNG, GIF, WebP, ...)")],
+    beam_size: BeamSize = 3,
+    max_length: MaxLength = 20,
+    attention: AttentionQuery = AttentionFormat.grid,
+) -> dict[str, Any]:
+    async def work() -> dict[str, Any]:
+        decoded = await decoded_upload(
+            image, settings.max_upload_bytes, settings.max_pixels, service.input_size
+        )
+        [(result, batch_size)] = await service.caption([decoded.pixels], beam_size, max_length)
+        request.state.log_fields["batch_size"] = batch_size
+        return await run_in_threadpool(
+            caption_body, result, decoded.image, attention, service.model_ref()
+        )
+
+    return await with_timeout(work(), settings.request_timeout_s)
+
+
+@router.post(
+    "/caption/batch", response_model=CaptionBatchResponse, summary="Caption several images"
+)
+async def caption_batch(
+    request: Request,
+    service: CaptionerDep,
+    settings: SettingsDep,
+    image: Annotated[list[UploadFile], File(description="repeat the field once per image")],
+    beam_size: BeamSize = 3,
+    max_length: MaxLength = 20,
+    attention: AttentionQuery = AttentionFormat.grid,
+) -> dict[str, Any]:
+    if len(image) > settings.max_batch_images:
+        raise HTTPException(
+            413, f"{len(image)} images; a batch request takes at most {settings.max_batch_images}"
+        )
+
+    async def work() -> dict[str, Any]:
+        decoded = []
+        for index, upload in enumerate(image):
+            label = f"image at index {index} ({upload.filename!r})"
+            decoded.append(
+                await decoded_upload(
+                    upload,
+                    settings.max_upload_bytes,
+                    settings.max_pixels,
+                    service.input_size,
+                    label,
+                )
+            )
+        outcomes = await service.caption([d.pixels for d in decoded], beam_size, max_length)
+        request.state.log_fields.update(
+            images=len(decoded), batch_size=max(size for _, size in outcomes)
+        )
+        model = service.model_ref()
+
+        def bodies() -> list[dict[str, Any]]:
+            return [
+                caption_body(result, d.image, attention, model)
+                for (result, _), d in zip(outcomes, decoded, strict=True)
+            ]
+
+        return {"results": await run_in_threadpool(bodies)}
+
+    return await with_timeout(work(), settings.request_timeout_s)

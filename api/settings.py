@@ -1,0 +1,117 @@
+"""Service settings, read from `CAPTIONER_*` environment variables (pydantic-settings).
+
+    CAPTIONER_CAPTION_MODEL=models/my-captioner CAPTIONER_API_KEY=s3cret captioner serve
+
+A model path set to the empty string disables that model. Settings that could not work together
+(a queue shorter than one batch request, a zero batch size, ...) are refused at startup with an
+error naming the variable, rather than failing on the first request.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from functools import lru_cache
+from pathlib import Path
+from typing import Annotated, Any
+
+from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from captioner.image import DEFAULT_MAX_PIXELS
+from captioner.paths import DEFAULT_CAPTION_MODEL, DEFAULT_VQA_MODEL
+
+_DEVICE = re.compile(r"^(cpu|cuda(:\d+)?|mps)$")
+_LOG_LEVELS = ("CRITICAL", "ERROR", "WARNING", "INFO", "DEBUG")
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="CAPTIONER_", extra="ignore", frozen=True)
+
+    # Model folders; None (or "" in the environment) disables that model.
+    caption_model: Path | None = DEFAULT_CAPTION_MODEL
+    vqa_model: Path | None = DEFAULT_VQA_MODEL
+    device: str = "cpu"
+
+    # When set, every model endpoint needs `Authorization: Bearer <key>` or `X-API-Key: <key>`.
+    api_key: SecretStr | None = None
+
+    # Upload limits.
+    max_upload_bytes: int = Field(10 * 1024 * 1024, ge=1)  # per image
+    max_pixels: int = Field(DEFAULT_MAX_PIXELS, ge=1)  # width x height, checked from the header
+    max_batch_images: int = Field(16, ge=1)  # images in one /caption/batch request
+
+    # Micro-batching: concurrent requests share one encoder and one decoder pass.
+    max_batch_size: int = Field(16, ge=1)  # 1 turns batching off
+    max_batch_delay_ms: float = Field(10.0, ge=0, le=10_000)
+    max_queue: int = Field(64, ge=1)  # images waiting per model; beyond that 503 + Retry-After
+    request_timeout_s: float = Field(30.0, gt=0)
+    feature_cache_items: int = Field(256, ge=0)  # VQA image features kept; 0 disables the cache
+
+    cors_origins: Annotated[list[str], NoDecode] = []
+    log_level: str = "INFO"
+
+    @field_validator("caption_model", "vqa_model", mode="before")
+    @classmethod
+    def _empty_disables(cls, value: Any) -> Any:
+        if value is None or (isinstance(value, str) and value.strip() == ""):
+            return None
+        return Path(value).expanduser()
+
+    @field_validator("api_key", mode="before")
+    @classmethod
+    def _empty_key_is_none(cls, value: Any) -> Any:
+        if isinstance(value, str) and value == "":
+            return None
+        return value
+
+    @field_validator("api_key")
+    @classmethod
+    def _key_not_blank(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None and value.get_secret_value().strip() != value.get_secret_value():
+            raise ValueError("api_key must not start or end with whitespace")
+        return value
+
+    @field_validator("device")
+    @classmethod
+    def _known_device(cls, value: str) -> str:
+        if not _DEVICE.match(value):
+            raise ValueError(f"device must be cpu, cuda, cuda:N or mps, got {value!r}")
+        return value
+
+    @field_validator("log_level")
+    @classmethod
+    def _known_level(cls, value: str) -> str:
+        if value.upper() not in _LOG_LEVELS:
+            raise ValueError(f"log_level must be one of {', '.join(_LOG_LEVELS)}, got {value!r}")
+        return value.upper()
+
+    @field_validator("cors_origins", mode="before")
+    @classmethod
+    def _parse_origins(cls, value: Any) -> Any:
+        """A JSON list or a comma-separated string (`https://a.example,https://b.example`)."""
+        if isinstance(value, str):
+            text = value.strip()
+            if text.startswith("["):
+                return json.loads(text)
+            return [part.strip() for part in text.split(",") if part.strip()]
+        return value
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Settings:
+        if self.max_queue < self.max_batch_images:
+            raise ValueError(
+                f"max_queue ({self.max_queue}) must be >= max_batch_images "
+                f"({self.max_batch_images}): a full /caption/batch request could never be queued"
+            )
+        return self
+
+    @property
+    def max_batch_delay_s(self) -> float:
+        return self.max_batch_delay_ms / 1000.0
+
+
+@lru_cache
+def get_settings() -> Settings:
+    """The process-wide settings from the environment (tests pass their own to `create_app`)."""
+    return Settings()
