@@ -10,7 +10,8 @@ items wait or `max_delay_s` has passed since the oldest arrived, whichever is fi
 while a batch runs form the next one. `max_batch_size=1` turns batching off. The waiting line is
 bounded: `submit` raises `QueueFullError` (the API answers 503 + Retry-After) instead of queueing
 more than `max_queue` items. A caller that gives up (timeout, disconnect) cancels its future, and
-items no one waits for any more are dropped before they reach the model.
+items no one waits for any more are dropped before they reach the model. When a batch raises, its
+items are retried one at a time, so one bad item fails only its own request.
 """
 
 from __future__ import annotations
@@ -160,9 +161,7 @@ class MicroBatcher(Generic[Item, Result]):
                 if remaining <= 0:
                     break
                 self._arrived.clear()
-                try:
-                    await asyncio.wait_for(self._arrived.wait(), remaining)
-                except asyncio.TimeoutError:
+                if not await self._wait_for_arrival(remaining):
                     break
             batch = []
             while self._queue and len(batch) < self.max_batch_size:
@@ -172,6 +171,16 @@ class MicroBatcher(Generic[Item, Result]):
             self._set_depth()
             if batch:
                 await self._run_one(loop, batch)
+
+    async def _wait_for_arrival(self, timeout: float) -> bool:
+        """True when an item arrives within `timeout` seconds. (Not `asyncio.wait_for`, which
+        on Python < 3.12 can swallow a cancellation that races with the event being set.)"""
+        waiter = asyncio.ensure_future(self._arrived.wait())
+        try:
+            done, _ = await asyncio.wait({waiter}, timeout=timeout)
+            return bool(done)
+        finally:
+            waiter.cancel()
 
     async def _run_one(self, loop: asyncio.AbstractEventLoop, batch: list[_Pending]) -> None:
         size = len(batch)

@@ -1,0 +1,159 @@
+"""POST /caption and /caption/batch through the real app, with a tiny checkpoint."""
+
+from __future__ import annotations
+
+import base64
+import io
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from api.app import create_app
+from captioner.pipeline import Captioner
+from tests.api_fixtures import (
+    GRID,
+    TestClient,
+    assert_error,
+    noise_image,
+    png,
+    save_tiny_captioner,
+    settings,
+    upload,
+)
+
+CAPTION_FIELDS = {"caption", "tokens", "token_logprobs", "attention", "model"}
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return save_tiny_captioner(tmp_path_factory.mktemp("models") / "cap")
+
+
+@pytest.fixture(scope="module")
+def client(model_dir):
+    with TestClient(create_app(settings(caption_model=model_dir))) as client:
+        yield client
+
+
+@pytest.fixture(scope="module")
+def captioner(model_dir):
+    return Captioner.load(model_dir)
+
+
+def test_caption_fields_and_grid_attention(client):
+    response = client.post("/caption", files=upload(png(1)))
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert set(body) == CAPTION_FIELDS
+    assert body["model"] == {"name": "tiny-cap", "version": "1"}
+    assert isinstance(body["caption"], str)
+    assert all(isinstance(t, str) for t in body["tokens"])
+    assert len(body["token_logprobs"]) == len(body["tokens"]) > 0
+    assert all(lp <= 0 for lp in body["token_logprobs"])
+    attention = body["attention"]
+    assert set(attention) == {"height", "width", "maps"}
+    assert (attention["height"], attention["width"]) == GRID
+    maps = np.array(attention["maps"])
+    assert maps.shape == (len(body["tokens"]), *GRID)
+    assert (maps >= 0).all()
+    np.testing.assert_allclose(maps.sum(axis=(1, 2)), 1.0, atol=1e-4)
+
+
+def test_caption_matches_the_library(client, captioner):
+    data = png(2)
+    body = client.post("/caption?beam_size=2&max_length=7", files=upload(data)).json()
+    [expected] = captioner.caption([data], beam_size=2, max_length=7)
+    assert body["caption"] == expected.caption
+    assert body["tokens"] == expected.tokens
+    np.testing.assert_allclose(body["token_logprobs"], expected.token_logprobs, atol=1e-5)
+    np.testing.assert_allclose(body["attention"]["maps"], expected.attention, atol=1e-5)
+
+
+def test_defaults_are_beam_3_length_20(client, captioner):
+    data = png(3)
+    body = client.post("/caption", files=upload(data)).json()
+    [expected] = captioner.caption([data], beam_size=3, max_length=20)
+    assert body["tokens"] == expected.tokens
+
+
+def test_max_length_caps_the_caption(client):
+    body = client.post("/caption?max_length=1", files=upload(png(4))).json()
+    assert len(body["tokens"]) <= 1
+
+
+def test_attention_none_is_null(client):
+    body = client.post("/caption?attention=none", files=upload(png(5))).json()
+    assert set(body) == CAPTION_FIELDS
+    assert body["attention"] is None
+
+
+def test_png_attention_overlays_decode(client):
+    source = noise_image(6, size=(40, 24))
+    buf = io.BytesIO()
+    source.save(buf, "PNG")
+    body = client.post("/caption?attention=png&max_length=3", files=upload(buf.getvalue())).json()
+    attention = body["attention"]
+    assert set(attention) == {"height", "width", "overlays"}
+    assert (attention["height"], attention["width"]) == GRID
+    assert len(attention["overlays"]) == len(body["tokens"]) > 0
+    for text in attention["overlays"]:
+        with Image.open(io.BytesIO(base64.b64decode(text, validate=True))) as im:
+            assert im.format == "PNG"
+            assert im.size == source.size  # drawn over the uploaded image
+
+
+def test_model_without_attention_returns_null(tmp_path):
+    folder = save_tiny_captioner(tmp_path / "plain", attention=False, name="plain")
+    with TestClient(create_app(settings(caption_model=folder))) as client:
+        for mode in ("grid", "png"):
+            body = client.post(f"/caption?attention={mode}", files=upload(png(1))).json()
+            assert body["attention"] is None
+            assert body["model"]["name"] == "plain"
+
+
+def test_batch_results_in_order_equal_single_requests(client):
+    images = [png(seed) for seed in (10, 11, 12)]
+    files = [("image", (f"{i}.png", data, "image/png")) for i, data in enumerate(images)]
+    response = client.post("/caption/batch?beam_size=2", files=files)
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert set(body) == {"results"}
+    assert len(body["results"]) == 3
+    singles = [client.post("/caption?beam_size=2", files=upload(d)).json() for d in images]
+    assert len({tuple(s["token_logprobs"]) for s in singles}) == 3  # the images differ
+    for got, single in zip(body["results"], singles, strict=True):
+        assert set(got) == CAPTION_FIELDS
+        assert got["tokens"] == single["tokens"]
+        np.testing.assert_allclose(got["token_logprobs"], single["token_logprobs"], atol=1e-5)
+        np.testing.assert_allclose(got["attention"]["maps"], single["attention"]["maps"], atol=1e-5)
+
+
+def test_batch_with_one_bad_image_names_it(client):
+    files = [
+        ("image", ("good.png", png(1), "image/png")),
+        ("image", ("notes.txt", b"just some text", "text/plain")),
+    ]
+    detail = assert_error(client.post("/caption/batch", files=files), 415)
+    assert "index 1" in detail and "notes.txt" in detail
+
+
+def test_batch_over_the_image_count_is_413(client):
+    files = [("image", (f"{i}.png", png(i), "image/png")) for i in range(9)]  # cap is 8
+    assert "at most 8" in assert_error(client.post("/caption/batch", files=files), 413)
+
+
+def test_batch_needs_an_image(client):
+    assert_error(client.post("/caption/batch", data={"other": "x"}), 422)
+
+
+def test_openapi_describes_the_caption_contract(client):
+    schema = client.get("/openapi.json").json()
+    post = schema["paths"]["/caption"]["post"]
+    params = {p["name"]: p["schema"] for p in post["parameters"]}
+    assert params["beam_size"]["minimum"] == 1 and params["beam_size"]["maximum"] == 10
+    assert params["max_length"]["minimum"] == 1 and params["max_length"]["maximum"] == 50
+    assert "multipart/form-data" in post["requestBody"]["content"]
+    response = schema["components"]["schemas"]["CaptionResponse"]
+    assert set(response["properties"]) == CAPTION_FIELDS
+    assert {"200", "413", "415", "422", "503", "504"} <= set(post["responses"])
