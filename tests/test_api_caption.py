@@ -7,6 +7,7 @@ import io
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from api.app import create_app
@@ -157,3 +158,19 @@ def test_openapi_describes_the_caption_contract(client):
     response = schema["components"]["schemas"]["CaptionResponse"]
     assert set(response["properties"]) == CAPTION_FIELDS
     assert {"200", "413", "415", "422", "503", "504"} <= set(post["responses"])
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_caption_on_cuda_matches_cpu(model_dir, captioner):
+    images = [png(seed) for seed in (40, 41)]
+    with TestClient(create_app(settings(caption_model=model_dir, device="cuda"))) as client:
+        assert client.get("/ready").status_code == 200
+        single = client.post("/caption?attention=png", files=upload(images[0]))
+        assert single.status_code == 200, single.text
+        files = [("image", (f"{i}.png", d, "image/png")) for i, d in enumerate(images)]
+        batch = client.post("/caption/batch", files=files).json()["results"]
+    for got, expected in zip(batch, captioner.caption(images), strict=True):
+        assert got["tokens"] == expected.tokens
+        np.testing.assert_allclose(got["token_logprobs"], expected.token_logprobs, atol=1e-4)
+        np.testing.assert_allclose(got["attention"]["maps"], expected.attention, atol=1e-4)

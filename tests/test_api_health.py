@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import logging
+import subprocess
+import sys
 
 import pytest
 
@@ -211,9 +213,6 @@ def test_cors_only_when_configured(model_dirs):
 
 
 def test_importing_api_loads_nothing():
-    import subprocess
-    import sys
-
     code = "import api, sys; print('torch' in sys.modules, 'fastapi' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.split() == ["False", "False"]

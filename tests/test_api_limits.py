@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import base64
 import io
 import struct
 import zlib
 
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, given
+from hypothesis import settings as hypothesis_settings
+from hypothesis import strategies as st
 from PIL import Image
 
 from api.app import create_app
@@ -97,8 +101,6 @@ def test_odd_but_valid_images(client, name):
 def test_exif_rotation_is_applied_to_overlays(client):
     response = caption(client, _exif_rotated_jpeg(), "r.jpg", "?max_length=1&attention=png")
     overlay = response.json()["attention"]["overlays"][0]
-    import base64
-
     with Image.open(io.BytesIO(base64.b64decode(overlay))) as im:
         assert im.size == (20, 40)  # the stored 40x20 image, displayed upright
 
@@ -229,3 +231,34 @@ def test_service_still_works_after_bad_input(client):
     for data, _ in BAD_IMAGES.values():
         caption(client, data)
     assert caption(client, png(2)).status_code == 200
+
+
+# -- fuzzing: whatever the bytes, never a 500 -------------------------------------------------
+
+FUZZ = hypothesis_settings(
+    max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+SEEDS = [encode(noise_image(20, size=(16, 12)), fmt) for fmt in ("PNG", "JPEG", "GIF", "WEBP")]
+
+
+@FUZZ
+@given(data=st.binary(max_size=2000))
+def test_random_bytes_are_never_a_server_error(client, data):
+    response = caption(client, data, query="?max_length=2&attention=none")
+    assert response.status_code in (200, 413, 415), response.text
+
+
+@FUZZ
+@given(
+    seed=st.sampled_from(SEEDS),
+    flips=st.lists(st.tuples(st.integers(0, 10_000), st.integers(0, 255)), max_size=8),
+    cut=st.integers(1, 10_000),
+)
+def test_damaged_images_are_never_a_server_error(client, seed, flips, cut):
+    data = bytearray(seed)
+    for position, value in flips:
+        data[position % len(data)] = value
+    response = caption(client, bytes(data[:cut]), query="?max_length=2&attention=png")
+    assert response.status_code in (200, 413, 415), response.text
+    if response.status_code != 200:
+        assert isinstance(response.json()["detail"], str)

@@ -7,6 +7,7 @@ import io
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from api.app import create_app
@@ -150,3 +151,17 @@ def test_vqa_without_a_model_is_503(tmp_path):
         response = ask(client, "what color?")
         assert_error(response, 503)
         assert response.headers["Retry-After"].isdigit()
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_vqa_on_cuda_matches_cpu(model_dir):
+    data = png(50)
+    with TestClient(create_app(settings(vqa_model=model_dir, device="cuda"))) as client:
+        first = ask(client, "what color is the circle?", data).json()
+        cached = ask(client, "what color is the circle?", data).json()  # features from the cache
+    [expected] = VQAModel.load(model_dir).answer([data], ["what color is the circle?"])
+    for body in (first, cached):
+        assert body["answer"] == expected.answer
+        np.testing.assert_allclose(body["confidence"], expected.confidence, atol=1e-4)
+        np.testing.assert_allclose(body["attention"]["maps"], expected.attention, atol=1e-4)
