@@ -1,0 +1,306 @@
+"""`VQAModel`: a loaded VQA model folder with a plain `answer(images, questions)` API.
+
+Used alike by the CLI, the service and the scripts:
+
+    vqa = VQAModel.load("models/shapes-vqa")
+    [result] = vqa.answer(["scene.png"], ["what color is the circle?"], top_k=3)
+    result.answer, result.confidence, result.top_answers, result.attention  # (G, h, w) or None
+
+Encoded images and paths go through a feature cache keyed by their bytes, so several questions
+about one image cost one encoder pass. The network itself lives in `captioner.vqa_model`.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from .checkpoint import check_state_dict, load_model_dir, save_model_dir
+from .encoder import EncoderConfig
+from .feature_cache import FeatureCache, key_for
+from .image import DEFAULT_MAX_PIXELS, UnreadableImageError, load_image, preprocess_batch
+from .paths import DEFAULT_VQA_MODEL
+from .pipeline import as_images
+from .vocab import Vocabulary
+from .vqa_model import VQAConfig, VQANet
+
+__all__ = ["AnswerResult", "VQAConfig", "VQAModel", "VQANet", "ask", "encode_questions"]
+
+ImageInput = Image.Image | bytes | str | os.PathLike
+ANSWERS, QUESTION_VOCAB = "answers.json", "question_vocab.json"
+
+
+@dataclass
+class AnswerResult:
+    answer: str
+    confidence: float
+    top_answers: list[tuple[str, float]]
+    attention: np.ndarray | None  # (G, h, w), each glimpse's map sums to 1; None without attention
+
+    def to_dict(self, attention: bool = True) -> dict[str, Any]:
+        maps = self.attention if attention else None
+        return {
+            "answer": self.answer,
+            "confidence": self.confidence,
+            "top_answers": [{"answer": a, "probability": p} for a, p in self.top_answers],
+            "attention": None
+            if maps is None
+            else {"height": maps.shape[1], "width": maps.shape[2], "maps": maps.tolist()},
+        }
+
+
+def encode_questions(
+    questions: Sequence[str], vocab: Vocabulary, max_tokens: int = 0
+) -> torch.Tensor:
+    """Word ids (Q, T) padded on the right with `<pad>`; unknown words become `<unk>`.
+
+    `max_tokens` > 0 keeps only the first that many words. A question without words is refused.
+    """
+    rows = []
+    for q in questions:
+        if not isinstance(q, str):
+            raise ValueError(f"questions must be strings, got {type(q).__name__}")
+        ids = vocab.encode(q, add_special=False)
+        if not ids:
+            raise ValueError(f"question {q!r} has no words")
+        rows.append(ids[:max_tokens] if max_tokens > 0 else ids)
+    out = torch.full((len(rows), max(map(len, rows), default=1)), vocab.pad_id, dtype=torch.long)
+    for i, ids in enumerate(rows):
+        out[i, : len(ids)] = torch.tensor(ids)
+    return out
+
+
+class VQAModel:
+    def __init__(
+        self,
+        model: VQANet,
+        question_vocab: Vocabulary,
+        answers: Sequence[str],
+        name: str = "vqa",
+        version: str = "0",
+        training: dict | None = None,
+        device: str | torch.device = "cpu",
+        cache_size: int = 256,
+    ):
+        if model.config.question_vocab_size != len(question_vocab):
+            raise ValueError(
+                f"model question_vocab_size {model.config.question_vocab_size} != question "
+                f"vocabulary size {len(question_vocab)}"
+            )
+        if model.config.num_answers != len(answers):
+            raise ValueError(
+                f"model num_answers {model.config.num_answers} != {len(answers)} answers"
+            )
+        self.model = model.to(device).eval()
+        self.question_vocab = question_vocab
+        self.answers = list(answers)
+        self.name, self.version = name, version
+        self.training = training or {}
+        self.device = torch.device(device)
+        self.cache = FeatureCache(cache_size)
+
+    # -- files ---------------------------------------------------------------------------------
+    @classmethod
+    def load(
+        cls, path: str | Path, device: str | torch.device = "cpu", cache_size: int = 256
+    ) -> VQAModel:
+        config, weights, side = load_model_dir(path, "vqa", required=(ANSWERS, QUESTION_VOCAB))
+        try:
+            encoder_config = EncoderConfig(**config["encoder"])
+            vqa_config = VQAConfig(**config["vqa"])
+            vocab = Vocabulary.from_json(side[QUESTION_VOCAB])
+            answers = side[ANSWERS]["answers"]
+            if not all(isinstance(a, str) for a in answers):
+                raise ValueError("answers must be strings")
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ValueError(
+                f"{path}: config.json, {ANSWERS} or {QUESTION_VOCAB} do not describe a VQA "
+                f"model: {exc}"
+            ) from exc
+        model = VQANet(encoder_config, vqa_config, load_weights=False)
+        check_state_dict(model, weights, path)
+        return cls(
+            model,
+            vocab,
+            answers,
+            name=str(config.get("name", Path(path).name)),
+            version=str(config.get("version", "0")),
+            training=side.get("training.json"),
+            device=device,
+            cache_size=cache_size,
+        )
+
+    def config(self) -> dict[str, Any]:
+        return {
+            "kind": "vqa",
+            "name": self.name,
+            "version": self.version,
+            "encoder": self.model.encoder.config.to_dict(),
+            "vqa": self.model.config.to_dict(),
+        }
+
+    def files(self, training: dict | None = None) -> dict[str, Any]:
+        """The side JSON files of a model folder."""
+        return {
+            ANSWERS: {"answers": self.answers},
+            QUESTION_VOCAB: self.question_vocab.to_json(),
+            "training.json": training if training is not None else self.training,
+        }
+
+    def save(self, path: str | Path, training: dict | None = None) -> Path:
+        return save_model_dir(path, self.config(), self.model.state_dict(), self.files(training))
+
+    def metadata(self) -> dict[str, Any]:
+        enc, c = self.model.encoder.config, self.model.config
+        h, w = self.grid_hw
+        return {
+            "name": self.name,
+            "version": self.version,
+            "kind": "vqa",
+            "encoder": enc.name,
+            "input_size": enc.input_size,
+            "question_encoder": c.cell,
+            "attention": c.attention,
+            "attention_grid": [h, w] if c.attention else None,
+            "glimpses": c.glimpses if c.attention else 0,
+            "num_answers": len(self.answers),
+            "vocabulary_size": len(self.question_vocab),
+            "training_data": self.training.get("data"),
+            "metrics": self.training.get("metrics"),
+        }
+
+    # -- inference -----------------------------------------------------------------------------
+    @property
+    def input_size(self) -> int:
+        return self.model.encoder.config.input_size
+
+    @property
+    def grid_hw(self) -> tuple[int, int]:
+        return self.model.grid_hw
+
+    def preprocess(self, images: Sequence[ImageInput]) -> torch.Tensor:
+        return preprocess_batch(as_images(images), self.input_size)
+
+    @torch.inference_mode()
+    def encode(self, batch: torch.Tensor) -> torch.Tensor:
+        """Preprocessed images (B, 3, S, S) -> grid features (B, L, D) on this model's device."""
+        return self.model.encoder(batch.to(self.device))[0]
+
+    @torch.inference_mode()
+    def answer_features(
+        self, features: torch.Tensor, questions: Sequence[str], top_k: int = 3
+    ) -> list[AnswerResult]:
+        """One question per row of `features` (B, L, D); results in order."""
+        if len(questions) != len(features):
+            raise ValueError(f"got {len(questions)} questions for {len(features)} images")
+        if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
+            raise ValueError(f"top_k must be an int >= 1, got {top_k!r}")
+        if len(questions) == 0:
+            return []
+        ids = encode_questions(questions, self.question_vocab).to(self.device)
+        logits, alpha = self.model.head(features.to(self.device), ids)
+        probs = torch.softmax(logits.float(), dim=1).cpu()
+        top_p, top_i = probs.topk(min(top_k, len(self.answers)), dim=1)
+        h, w = self.grid_hw
+        maps = None if alpha is None else alpha.float().cpu().numpy().reshape(len(ids), -1, h, w)
+        results = []
+        for k in range(len(ids)):
+            top = [(self.answers[int(i)], float(p)) for p, i in zip(top_p[k], top_i[k])]
+            results.append(
+                AnswerResult(
+                    answer=top[0][0],
+                    confidence=top[0][1],
+                    top_answers=top,
+                    attention=None if maps is None else maps[k],
+                )
+            )
+        return results
+
+    def answer(
+        self,
+        images: Sequence[ImageInput],
+        questions: Sequence[str],
+        top_k: int = 3,
+        max_pixels: int = DEFAULT_MAX_PIXELS,
+    ) -> list[AnswerResult]:
+        """Answer `questions[i]` about `images[i]` (PIL images, encoded bytes or paths).
+
+        Bytes and paths are looked up in the feature cache by content, so asking again about the
+        same image (in this call or a later one) skips the encoder.
+        """
+        if len(images) != len(questions):
+            raise ValueError(f"got {len(images)} images for {len(questions)} questions")
+        if len(images) == 0:
+            return []
+        return self.answer_features(self.features_for(images, max_pixels), questions, top_k)
+
+    @torch.inference_mode()
+    def features_for(
+        self, images: Sequence[ImageInput], max_pixels: int = DEFAULT_MAX_PIXELS
+    ) -> torch.Tensor:
+        """Grid features (B, L, D) for `images`, encoding only those not in the cache."""
+        keys: list[str | None] = []
+        found: dict[str, torch.Tensor] = {}
+        to_encode: dict[str | int, Image.Image] = {}  # key, or position for uncached PIL images
+        for i, image in enumerate(images):
+            if isinstance(image, Image.Image):
+                keys.append(None)
+                to_encode[i] = image
+                continue
+            data = _read_bytes(image)
+            key = key_for(data, self.name, self.version)
+            keys.append(key)
+            if key in found or key in to_encode:
+                continue
+            cached = self.cache.get(key)
+            if cached is not None:
+                found[key] = cached
+            else:
+                to_encode[key] = load_image(data, max_pixels)
+        if to_encode:
+            encoded = self.encode(self.preprocess(list(to_encode.values())))
+            for slot, features in zip(to_encode, encoded):
+                found[slot] = features.clone()  # a copy, so the cache does not pin the batch
+                if isinstance(slot, str):
+                    self.cache.put(slot, found[slot])
+        return torch.stack([found[key if key is not None else i] for i, key in enumerate(keys)])
+
+
+def _read_bytes(image: bytes | bytearray | memoryview | str | os.PathLike) -> bytes:
+    if isinstance(image, (bytes, bytearray, memoryview)):
+        return bytes(image)
+    if isinstance(image, (str, os.PathLike)):
+        try:
+            return Path(image).read_bytes()
+        except OSError as exc:
+            raise UnreadableImageError(
+                f"cannot open image file {str(image)!r}: {exc.strerror}"
+            ) from exc
+    raise ValueError(
+        f"an image must be a PIL image, encoded bytes or a path, got {type(image).__name__}"
+    )
+
+
+def ask(
+    image_path: str | os.PathLike,
+    question: str,
+    model_dir: str | os.PathLike = DEFAULT_VQA_MODEL,
+    top_k: int = 3,
+    device: str = "cpu",
+) -> dict[str, Any]:
+    """What `captioner ask IMAGE QUESTION` prints: the answer, top answers, attention and model."""
+    vqa = VQAModel.load(model_dir, device=device)
+    [result] = vqa.answer([image_path], [question], top_k=top_k)
+    return {
+        "image": str(image_path),
+        "question": question,
+        **result.to_dict(),
+        "model": {"name": vqa.name, "version": vqa.version},
+    }

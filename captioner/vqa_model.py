@@ -1,0 +1,258 @@
+"""The VQA network: question LSTM, question-guided attention over the image grid, answer classifier.
+
+Following Show, Ask, Attend, and Answer (Kazemi and Elqursh, 2017): the image grid is
+L2-normalised per cell, attention logits come from a 1x1 convolution (a per-cell linear layer) over
+[features; tiled question] with a ReLU, a softmax over the cells per glimpse gives G maps, and the
+G attended vectors are concatenated with the question vector and classified over the top training
+answers. `attention=False` is the baseline: the question vector and the pooled image vector.
+
+Two additions for the shapes world, both off by default: a learned position embedding per grid
+cell (questions about spatial relations need to know where a glimpse looked), and `count=True`,
+which also feeds the classifier each glimpse's unnormalised attention mass, sum_i sigmoid(e_i): a
+softmax sums to 1 whatever the number of matching objects, so it cannot count on its own (Zhang,
+Hare and Pruegel-Bennett, 2018, "Learning to Count Objects in Natural Images for VQA").
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .encoder import Encoder, EncoderConfig
+
+CELLS = {"lstm": nn.LSTM, "gru": nn.GRU}
+
+
+@dataclass(frozen=True)
+class VQAConfig:
+    question_vocab_size: int
+    num_answers: int
+    feature_dim: int
+    grid_cells: int
+    embed_dim: int = 128
+    hidden_dim: int = 256  # question encoder
+    cell: str = "lstm"
+    attention: bool = True
+    glimpses: int = 2
+    attention_dim: int = 256
+    fusion_dim: int = 512
+    positional: bool = False
+    coords: bool = False
+    count: bool = False
+    stacked: bool = False
+    normalize: bool = True  # L2-normalise each grid cell (Kazemi and Elqursh, Sec. 3.1)
+    dropout: float = 0.2
+    pad_id: int = 0
+
+    def __post_init__(self) -> None:
+        if self.cell not in CELLS:
+            raise ValueError(f"unknown cell {self.cell!r}; choose one of {', '.join(CELLS)}")
+        for name in ("question_vocab_size", "num_answers", "feature_dim", "grid_cells"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("embed_dim", "hidden_dim", "fusion_dim", "glimpses", "attention_dim"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+
+    @property
+    def cell_dim(self) -> int:
+        """Width of one grid cell as attention sees it: the features, plus (x, y) with `coords`."""
+        return self.feature_dim + (2 if self.coords else 0)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class QuestionEncoder(nn.Module):
+    """Word embedding + one-layer LSTM/GRU; the question vector is the state after its last word."""
+
+    def __init__(self, c: VQAConfig):
+        super().__init__()
+        self.pad_id = c.pad_id
+        self.embedding = nn.Embedding(c.question_vocab_size, c.embed_dim, padding_idx=c.pad_id)
+        self.rnn = CELLS[c.cell](c.embed_dim, c.hidden_dim, batch_first=True)
+        self.dropout = nn.Dropout(c.dropout)
+
+    def forward(self, questions: torch.Tensor) -> torch.Tensor:
+        # questions (Q, T), words first and <pad> after; right padding never reaches earlier steps.
+        lengths = (questions != self.pad_id).sum(dim=1)  # (Q,)
+        if bool((lengths == 0).any()):
+            raise ValueError("every question needs at least one word")
+        out, _ = self.rnn(self.dropout(torch.tanh(self.embedding(questions))))  # (Q, T, H)
+        return out[torch.arange(len(questions), device=out.device), lengths - 1]  # (Q, H)
+
+
+class GlimpseAttention(nn.Module):
+    """G softmax maps over the cells from ReLU(W_v v_i + W_q q) (a 1x1 conv over [v; tiled q]).
+
+    With `stacked`, glimpse g's query is q plus what glimpses < g saw (u_g = u_{g-1} + W_r v~_g,
+    the stacked attention of Yang et al., 2016), so a later glimpse can look relative to an earlier
+    one ("the object to the left of the red circle"); otherwise the G glimpses are parallel.
+    """
+
+    def __init__(self, c: VQAConfig):
+        super().__init__()
+        self.feature_proj = nn.Linear(c.cell_dim, c.attention_dim, bias=False)
+        self.question_proj = nn.Linear(c.hidden_dim, c.attention_dim)
+        self.score = nn.Linear(c.attention_dim, c.glimpses)
+        self.refine = nn.Linear(c.cell_dim, c.hidden_dim) if c.stacked and c.glimpses > 1 else None
+
+    def forward(
+        self, features: torch.Tensor, projected: torch.Tensor, question: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """features (Q, L, D), projected (Q, L, A) = feature_proj(features) computed once per image,
+        question (Q, H) -> (glimpses (Q, G, D), attention (Q, G, L), logits (Q, G, L))."""
+        if self.refine is None:
+            hidden = F.relu(projected + self.question_proj(question).unsqueeze(1))  # (Q, L, A)
+            logits = self.score(hidden).transpose(1, 2)  # (Q, G, L)
+            alpha = torch.softmax(logits, dim=2)
+            return torch.bmm(alpha, features), alpha, logits
+        query, all_logits, glimpses = question, [], []
+        for g in range(self.score.out_features):
+            hidden = F.relu(projected + self.question_proj(query).unsqueeze(1))  # (Q, L, A)
+            logits = F.linear(hidden, self.score.weight[g : g + 1], self.score.bias[g : g + 1])
+            alpha = torch.softmax(logits.squeeze(2), dim=1)  # (Q, L)
+            glimpse = torch.bmm(alpha.unsqueeze(1), features).squeeze(1)  # (Q, D)
+            query = query + self.refine(glimpse)
+            all_logits.append(logits.squeeze(2))
+            glimpses.append(glimpse)
+        logits = torch.stack(all_logits, dim=1)  # (Q, G, L)
+        return torch.stack(glimpses, dim=1), torch.softmax(logits, dim=2), logits
+
+
+class VQANet(nn.Module):
+    """`forward(images or features, questions, image_index, targets) -> (logits, loss)`."""
+
+    def __init__(self, encoder_config: EncoderConfig, config: VQAConfig, load_weights: bool = True):
+        super().__init__()
+        self.encoder = Encoder(encoder_config, load_weights=load_weights)
+        if config.feature_dim != self.encoder.feature_dim:
+            raise ValueError(
+                f"VQA feature_dim {config.feature_dim} does not match encoder "
+                f"{encoder_config.name} output {self.encoder.feature_dim}"
+            )
+        if config.grid_cells != self.encoder.num_cells:
+            raise ValueError(
+                f"VQA grid_cells {config.grid_cells} does not match the encoder grid "
+                f"{self.encoder.grid_hw}"
+            )
+        c = self.config = config
+        self.question = QuestionEncoder(c)
+        self.position = (
+            nn.Parameter(torch.zeros(c.grid_cells, c.feature_dim)) if c.positional else None
+        )
+        self.attend = GlimpseAttention(c) if c.attention else None
+        if c.coords:
+            h, w = self.encoder.grid_hw
+            ys, xs = torch.meshgrid(
+                (torch.arange(h) + 0.5) / h * 2 - 1,
+                (torch.arange(w) + 0.5) / w * 2 - 1,
+                indexing="ij",
+            )
+            # Not saved with the weights: it follows from the grid.
+            self.register_buffer("cell_xy", torch.stack([xs, ys], dim=2).flatten(0, 1), False)
+        image_dim = c.glimpses * c.cell_dim if c.attention else c.cell_dim
+        count_dim = c.glimpses if c.attention and c.count else 0
+        self.classifier = nn.Sequential(
+            nn.Dropout(c.dropout),
+            nn.Linear(image_dim + count_dim + c.hidden_dim, c.fusion_dim),
+            nn.ReLU(inplace=True),
+            nn.Dropout(c.dropout),
+            nn.Linear(c.fusion_dim, c.num_answers),
+        )
+
+    @classmethod
+    def build(
+        cls, encoder_config: EncoderConfig, question_vocab_size: int, num_answers: int, **kwargs
+    ) -> VQANet:
+        """A network whose image-side sizes follow from the encoder (feature width, grid cells)."""
+        probe = Encoder(encoder_config, load_weights=False)
+        config = VQAConfig(
+            question_vocab_size=question_vocab_size,
+            num_answers=num_answers,
+            feature_dim=probe.feature_dim,
+            grid_cells=probe.num_cells,
+            **kwargs,
+        )
+        return cls(encoder_config, config)
+
+    @property
+    def grid_hw(self) -> tuple[int, int]:
+        return self.encoder.grid_hw
+
+    def features(self, images_or_features: torch.Tensor) -> torch.Tensor:
+        """Images (B, 3, H, W) go through the encoder; grids (B, L, D) pass as they are."""
+        if images_or_features.dim() == 4:
+            return self.encoder(images_or_features)[0]
+        if images_or_features.dim() == 3:
+            return images_or_features
+        raise ValueError(
+            f"expected images (B, 3, H, W) or features (B, L, D), got {tuple(images_or_features.shape)}"
+        )
+
+    def head(
+        self,
+        features: torch.Tensor,
+        questions: torch.Tensor,
+        image_index: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """features (B, L, D), questions (Q, T) -> (logits (Q, A), attention (Q, G, L) or None).
+
+        Question q is about image `image_index[q]` (default: one question per image), so several
+        questions share one image's encoding and its attention projection.
+        """
+        c = self.config
+        if image_index is None:
+            if len(questions) != len(features):
+                raise ValueError(
+                    f"{len(questions)} questions for {len(features)} images; pass image_index"
+                )
+            image_index = torch.arange(len(features), device=features.device)
+        v = F.normalize(features, dim=2) if c.normalize else features  # (B, L, D)
+        if self.position is not None:
+            v = v + self.position
+        if self.config.coords:
+            v = torch.cat(
+                [v, self.cell_xy.to(v.dtype).expand(len(v), -1, -1)], dim=2
+            )  # (B, L, D+2)
+        q = self.question(questions)  # (Q, H)
+        if self.attend is None:
+            image = v.mean(dim=1)[image_index]  # (Q, D)
+            alpha = None
+        else:
+            projected = self.attend.feature_proj(v)[image_index]  # (Q, L, A)
+            glimpses, alpha, logits = self.attend(v[image_index], projected, q)  # (Q, G, D|L)
+            image = glimpses.flatten(1)  # (Q, G*D)
+            if c.count:
+                image = torch.cat([image, torch.sigmoid(logits).sum(dim=2)], dim=1)
+        return self.classifier(torch.cat([image, q], dim=1)), alpha
+
+    def forward(
+        self,
+        images_or_features: torch.Tensor,
+        questions: torch.Tensor,
+        image_index: torch.Tensor | None = None,
+        targets: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """`(logits (Q, A), loss)`; `targets` (Q, A) are soft answer scores, e.g. min(1, n/3).
+
+        The loss is the cross-entropy against the targets normalised to sum 1 per question, so all
+        10 human answers count; questions whose answers are all outside the vocabulary add nothing.
+        """
+        logits, _ = self.head(self.features(images_or_features), questions, image_index)
+        loss = None if targets is None else soft_cross_entropy(logits, targets)
+        return logits, loss
+
+
+def soft_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean over questions of -sum_a p_a log softmax(logits)_a, with p = targets / sum(targets)."""
+    total = targets.sum(dim=1, keepdim=True)  # (Q, 1)
+    weights = targets / total.clamp_min(1e-12)
+    per_question = -(weights * torch.log_softmax(logits.float(), dim=1)).sum(dim=1)
+    answered = (total.squeeze(1) > 0).float()
+    return (per_question * answered).sum() / answered.sum().clamp_min(1.0)

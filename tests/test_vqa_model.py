@@ -1,0 +1,168 @@
+"""The VQA network: shapes, gradients, attention maps, soft-target loss, and that it can learn."""
+
+import pytest
+import torch
+
+from captioner.vocab import Vocabulary
+from captioner.vqa import encode_questions
+from captioner.vqa_model import VQAConfig, VQANet, soft_cross_entropy
+from tests.conftest import tiny_encoder_config
+
+QUESTIONS = [
+    "what color is the circle?",
+    "what shape is the red object?",
+    "how many squares are there?",
+    "is there a blue triangle?",
+    "is the circle to the left of the square?",
+]
+
+VARIANTS = {
+    "kazemi": dict(glimpses=2),
+    "one_glimpse_gru": dict(glimpses=1, cell="gru"),
+    "stacked_coords_count_pos": dict(
+        glimpses=3, stacked=True, coords=True, count=True, positional=True, normalize=False
+    ),
+    "baseline": dict(attention=False, positional=True),
+}
+
+
+def tiny_vqa(vocab_size: int = 30, num_answers: int = 7, seed: int = 0, **kwargs) -> VQANet:
+    torch.manual_seed(seed)
+    args = dict(embed_dim=8, hidden_dim=12, attention_dim=10, fusion_dim=16, dropout=0.0)
+    args.update(kwargs)
+    return VQANet.build(tiny_encoder_config(), vocab_size, num_answers, **args)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_shapes_and_every_parameter_gets_a_finite_gradient(variant):
+    vocab = Vocabulary.build(QUESTIONS)
+    net = tiny_vqa(len(vocab), **VARIANTS[variant])
+    net.train()
+    images = torch.randn(2, 3, 32, 32)
+    questions = encode_questions(QUESTIONS, vocab)  # (5, T)
+    image_index = torch.tensor([0, 0, 1, 1, 1])
+    targets = torch.zeros(5, 7)
+    targets[torch.arange(5), torch.tensor([0, 3, 6, 2, 1])] = 1.0
+    targets[0, 4] = 0.3
+    logits, loss = net(images, questions, image_index, targets)
+    assert logits.shape == (5, 7)
+    assert torch.isfinite(loss)
+    loss.backward()
+    for name, p in net.named_parameters():
+        assert p.grad is not None, f"{name} got no gradient"
+        assert torch.isfinite(p.grad).all(), f"{name} has a non-finite gradient"
+        assert p.grad.abs().sum() > 0, f"{name} has an all-zero gradient"
+
+
+@pytest.mark.parametrize("variant", ["kazemi", "stacked_coords_count_pos"])
+def test_attention_maps_sum_to_one_per_glimpse(variant):
+    net = tiny_vqa(**VARIANTS[variant]).eval()
+    glimpses = VARIANTS[variant]["glimpses"]
+    feats = net.features(torch.randn(3, 3, 32, 32))
+    questions = torch.randint(4, 30, (3, 6))
+    logits, alpha = net.head(feats, questions)
+    assert alpha.shape == (3, glimpses, net.encoder.num_cells)
+    assert torch.allclose(alpha.sum(dim=2), torch.ones(3, glimpses), atol=1e-6)
+    assert (alpha >= 0).all()
+
+
+def test_baseline_has_no_attention():
+    net = tiny_vqa(attention=False).eval()
+    logits, alpha = net.head(net.features(torch.randn(2, 3, 32, 32)), torch.randint(4, 30, (2, 5)))
+    assert alpha is None and logits.shape == (2, 7)
+    assert net.attend is None
+
+
+def test_shared_image_index_equals_repeated_images():
+    """Several questions about one image give what repeating the image once per question gives."""
+    net = tiny_vqa(**VARIANTS["stacked_coords_count_pos"]).eval()
+    images = torch.randn(2, 3, 32, 32)
+    questions = torch.randint(4, 30, (4, 6))
+    index = torch.tensor([1, 0, 1, 1])
+    with torch.no_grad():
+        shared, _ = net(images, questions, index)
+        repeated, _ = net(images[index], questions)
+    torch.testing.assert_close(shared, repeated, atol=1e-5, rtol=1e-5)
+
+
+def test_padding_does_not_change_the_question_vector():
+    net = tiny_vqa().eval()
+    q = torch.tensor([[5, 6, 7]])
+    padded = torch.tensor([[5, 6, 7, 0, 0, 0]])
+    with torch.no_grad():
+        torch.testing.assert_close(net.question(q), net.question(padded))
+
+
+def test_soft_cross_entropy_uses_all_answers_and_skips_unanswerable():
+    logits = torch.tensor([[2.0, 0.0, -1.0], [0.0, 0.0, 0.0]])
+    targets = torch.tensor([[1.0, 0.3, 0.0], [0.0, 0.0, 0.0]])  # second: no answer in vocabulary
+    log_p = torch.log_softmax(logits[0], dim=0)
+    expected = -(1.0 / 1.3 * log_p[0] + 0.3 / 1.3 * log_p[1])
+    torch.testing.assert_close(soft_cross_entropy(logits, targets), expected)
+
+
+def test_tiny_model_learns_a_tiny_dataset():
+    """20 questions about 4 synthetic images (a coloured square in one quadrant) learned exactly."""
+    colors = {"red": (1.0, -1.0, -1.0), "green": (-1.0, 1.0, -1.0), "blue": (-1.0, -1.0, 1.0)}
+    spots = {
+        "top left": (0, 0),
+        "top right": (0, 16),
+        "bottom left": (16, 0),
+        "bottom right": (16, 16),
+    }
+    scenes = [("red", "top left"), ("blue", "bottom right"), ("green", "top right"), ("red", "bottom left")]  # fmt: skip
+    images = torch.full((4, 3, 32, 32), -1.0)
+    for i, (color, spot) in enumerate(scenes):
+        y, x = spots[spot]
+        images[i, :, y : y + 16, x : x + 16] = torch.tensor(colors[color]).view(3, 1, 1)
+    qa = []
+    for i, (color, spot) in enumerate(scenes):
+        qa += [(i, "what color is the square?", color), (i, "where is the square?", spot)]
+        for c in colors:
+            qa.append((i, f"is the square {c}?", "yes" if c == color else "no"))
+    assert len(qa) == 20
+    vocab = Vocabulary.build(q for _, q, _ in qa)
+    answers = sorted({a for _, _, a in qa})
+    questions = encode_questions([q for _, q, _ in qa], vocab)
+    index = torch.tensor([i for i, _, _ in qa])
+    targets = torch.zeros(len(qa), len(answers))
+    targets[torch.arange(len(qa)), torch.tensor([answers.index(a) for _, _, a in qa])] = 1.0
+    net = tiny_vqa(len(vocab), len(answers), coords=True, hidden_dim=24, fusion_dim=32)
+    opt = torch.optim.Adam(net.parameters(), lr=1e-2)
+    net.train()
+    for _ in range(300):
+        _, loss = net(images, questions, index, targets)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        if loss.item() < 0.01:
+            break
+    net.eval()
+    with torch.no_grad():
+        logits, _ = net(images, questions, index)
+    predicted = [answers[i] for i in logits.argmax(dim=1)]
+    assert predicted == [a for _, _, a in qa]
+
+
+def test_config_rejects_bad_values():
+    with pytest.raises(ValueError, match="unknown cell 'rnn'"):
+        VQAConfig(question_vocab_size=5, num_answers=2, feature_dim=4, grid_cells=4, cell="rnn")
+    with pytest.raises(ValueError, match="glimpses must be >= 1"):
+        VQAConfig(question_vocab_size=5, num_answers=2, feature_dim=4, grid_cells=4, glimpses=0)
+    with pytest.raises(ValueError, match="dropout"):
+        VQAConfig(question_vocab_size=5, num_answers=2, feature_dim=4, grid_cells=4, dropout=1.0)
+
+
+def test_config_must_match_the_encoder():
+    with pytest.raises(ValueError, match="grid_cells 9 does not match"):
+        VQANet(tiny_encoder_config(), VQAConfig(30, 7, feature_dim=16, grid_cells=9))
+    with pytest.raises(ValueError, match="feature_dim 5 does not match"):
+        VQANet(tiny_encoder_config(), VQAConfig(30, 7, feature_dim=5, grid_cells=16))
+
+
+def test_a_question_without_words_is_refused():
+    net = tiny_vqa().eval()
+    with pytest.raises(ValueError, match="at least one word"):
+        net.question(torch.tensor([[0, 0]]))
+    with pytest.raises(ValueError, match="has no words"):
+        encode_questions(["   "], Vocabulary.build(QUESTIONS))
