@@ -1,0 +1,616 @@
+// The captioner web page: upload or generate an image, caption it, show each word's attention map,
+// ask questions. Plain JS, no build step; it talks to the same API as any other client.
+"use strict";
+
+const KEY_STORAGE = "captioner.apiKey";
+const HEAT_SIDE = 384; // longer side of the heatmap canvas, in canvas pixels
+const HEAT_ALPHA = 0.5; // as the server's attention=png overlays: 50% viridis over the image
+const TOP_K = 5;
+const DEFAULT_QUESTIONS = [
+  "what color is the circle?",
+  "how many objects are there?",
+  "is there a square?",
+];
+
+// Viridis anchors at 0, 1/4, 1/2, 3/4, 1, as in captioner/overlay.py, interpolated into 256 colours.
+const VIRIDIS = (() => {
+  const anchors = [[68, 1, 84], [59, 82, 139], [33, 145, 140], [94, 201, 98], [253, 231, 37]];
+  const table = [];
+  for (let i = 0; i < 256; i++) {
+    const x = (i / 255) * (anchors.length - 1);
+    const k = Math.min(anchors.length - 2, Math.floor(x));
+    const f = x - k;
+    table.push(anchors[k].map((a, c) => Math.round(a + (anchors[k + 1][c] - a) * f)));
+  }
+  return table;
+})();
+
+const $ = (id) => document.getElementById(id);
+const els = {};
+const state = {
+  image: null, // the File or Blob being shown
+  url: null, // its object URL
+  generation: 0, // bumped on every new image, so late answers for an old one are dropped
+  caption: null, // the last /caption response
+  vqa: null, // the last /vqa response
+  pinned: null, // {kind: "word", index} or {kind: "answer", glimpse}; survives hover
+  retry: null, // what to run again once an API key is given
+  vqaOff: false, // the server has no VQA model loaded
+};
+
+class ApiError extends Error {
+  constructor(status, detail, retryAfter) {
+    super(detail);
+    this.status = status;
+    this.detail = detail;
+    this.retryAfter = retryAfter;
+  }
+}
+
+// -- talking to the API -----------------------------------------------------------------------------
+
+function apiKey() {
+  try {
+    return sessionStorage.getItem(KEY_STORAGE) || "";
+  } catch {
+    return ""; // storage can be blocked; the key then lasts until the page is left
+  }
+}
+
+async function api(path, options = {}) {
+  const headers = {};
+  const key = apiKey() || els.key.value.trim();
+  if (key) headers["X-API-Key"] = key;
+  let response;
+  try {
+    response = await fetch(path, { method: options.method || "GET", body: options.body, headers });
+  } catch (err) {
+    throw new ApiError(0, `could not reach the service (${err.message})`);
+  }
+  const text = await response.text();
+  let data = null;
+  try {
+    data = text ? JSON.parse(text) : null;
+  } catch {
+    data = null;
+  }
+  if (!response.ok) {
+    const detail =
+      data && typeof data.detail === "string"
+        ? data.detail
+        : `${response.status} ${response.statusText || "error"}`;
+    throw new ApiError(response.status, detail, response.headers.get("Retry-After"));
+  }
+  return data;
+}
+
+const CONTEXT = {
+  0: "The service cannot be reached",
+  401: "An API key is needed",
+  413: "The image is too large",
+  415: "That file is not an image the service can read",
+  422: "The request was refused",
+  503: "The service is busy or the model is not loaded",
+  504: "The request took too long",
+};
+
+function showError(err, what) {
+  if (!(err instanceof ApiError)) {
+    console.error(err);
+    err = new ApiError(-1, String(err && err.message ? err.message : err));
+  }
+  const context = CONTEXT[err.status] || (err.status > 0 ? `Error ${err.status}` : "Error");
+  let text = `${what} failed. ${context}: ${err.detail}`;
+  if (err.retryAfter) text += ` (try again in ${err.retryAfter} s)`;
+  els.error.textContent = text;
+  els.error.dataset.status = String(err.status);
+  els.error.hidden = false;
+  if (err.status === 401) {
+    els.keyPanel.open = true;
+    els.keyState.textContent = "Paste the key and press “Use key”; the request is then sent again.";
+    els.key.focus();
+  }
+}
+
+function clearError() {
+  els.error.hidden = true;
+  els.error.textContent = "";
+  delete els.error.dataset.status;
+}
+
+function setBusy(panel, busy) {
+  panel.setAttribute("aria-busy", busy ? "true" : "false");
+  panel.classList.toggle("busy", busy);
+}
+
+// -- readiness ---------------------------------------------------------------------------------------
+
+async function checkReady() {
+  let ready;
+  try {
+    ready = await api("ready");
+  } catch (err) {
+    els.status.textContent = `Not ready: ${err.detail}`;
+    els.status.dataset.state = "waiting";
+    if (err.status === 0 || /loading/.test(err.detail)) setTimeout(checkReady, 2000);
+    return;
+  }
+  const models = ready.models || {};
+  const parts = Object.entries(models).map(([name, s]) => `${name} ${s}`);
+  els.status.textContent = `Ready: ${parts.join(", ")}`;
+  els.status.dataset.state = "ready";
+  if (models.vqa && models.vqa !== "loaded") {
+    els.vqaNote.textContent = `Questions are not available: the VQA model is ${models.vqa} on this server.`;
+    els.vqaNote.hidden = false;
+    state.vqaOff = true;
+    els.askButton.disabled = true;
+    els.question.disabled = true;
+    els.suggestions.hidden = true;
+  }
+}
+
+// -- the image -------------------------------------------------------------------------------------
+
+function setImage(blob, reference) {
+  state.generation += 1;
+  state.image = blob;
+  state.caption = null;
+  state.vqa = null;
+  state.pinned = null;
+  if (state.url) URL.revokeObjectURL(state.url);
+  state.url = URL.createObjectURL(blob);
+  els.photo.alt = reference ? `Sample scene: ${reference.captions[0]}` : `Uploaded image ${blob.name || ""}`.trim();
+  els.photo.src = state.url;
+  els.stage.hidden = false;
+  hideHeat();
+  clearError();
+  els.answer.hidden = true;
+  renderCaption(null);
+  if (reference) {
+    els.reference.textContent = `Reference caption: ${reference.captions[0]}`;
+    els.reference.hidden = false;
+    renderSuggestions(reference.questions.map((q) => q.question).slice(0, 4));
+  } else {
+    els.reference.hidden = true;
+    renderSuggestions(DEFAULT_QUESTIONS);
+  }
+  runCaption();
+}
+
+function fitFrame() {
+  const { naturalWidth: w, naturalHeight: h } = els.photo;
+  if (w && h) els.frame.style.setProperty("--aspect", String(w / h));
+}
+
+async function loadSample() {
+  const seed = Math.floor(Math.random() * 1_000_000);
+  els.sample.disabled = true;
+  try {
+    const scene = await api(`samples/scene?seed=${seed}`);
+    const response = await fetch(`samples/scene.png?seed=${scene.seed}&size=${scene.size}`);
+    if (!response.ok) throw new ApiError(response.status, `the sample image answered ${response.status}`);
+    const blob = await response.blob();
+    setImage(new File([blob], `scene-${scene.seed}.png`, { type: "image/png" }), scene);
+  } catch (err) {
+    if (err instanceof ApiError && err.status === 404) {
+      err.detail = "this server does not offer sample scenes; upload an image instead";
+    }
+    showError(err, "Loading a sample scene");
+  } finally {
+    els.sample.disabled = false;
+  }
+}
+
+// -- caption and word attention ---------------------------------------------------------------------
+
+async function runCaption() {
+  if (!state.image) return;
+  const generation = state.generation;
+  const body = new FormData();
+  body.append("image", state.image, state.image.name || "image");
+  const query = new URLSearchParams({ beam_size: els.beam.value, attention: "grid" });
+  setBusy(els.captionPanel, true);
+  els.captionEmpty.textContent = "Captioning…";
+  els.captionEmpty.hidden = false;
+  try {
+    const result = await api(`caption?${query}`, { method: "POST", body });
+    if (generation !== state.generation) return;
+    clearError();
+    state.caption = result;
+    renderCaption(result);
+  } catch (err) {
+    if (generation !== state.generation) return;
+    els.captionEmpty.textContent = "No caption.";
+    if (err.status === 401) state.retry = runCaption;
+    showError(err, "Captioning");
+  } finally {
+    if (generation === state.generation) setBusy(els.captionPanel, false);
+  }
+}
+
+const PUNCTUATION = /^[^\p{L}\p{N}]+$/u;
+
+function renderCaption(result) {
+  els.caption.replaceChildren();
+  els.captionMeta.textContent = "";
+  if (!result) {
+    els.caption.hidden = true;
+    els.captionHelp.hidden = true;
+    els.captionEmpty.textContent = state.image ? "Captioning…" : "Choose an image to caption it.";
+    els.captionEmpty.hidden = false;
+    return;
+  }
+  const hasMaps = Boolean(result.attention && result.attention.maps);
+  result.tokens.forEach((token, index) => {
+    if (index > 0 && !PUNCTUATION.test(token)) els.caption.append(" ");
+    const word = document.createElement(hasMaps ? "button" : "span");
+    word.className = "word";
+    word.textContent = token;
+    word.dataset.index = String(index);
+    const p = Math.exp(result.token_logprobs[index] ?? 0);
+    word.title = `probability ${(p * 100).toFixed(1)}%`;
+    if (hasMaps) {
+      word.type = "button";
+      word.setAttribute("aria-pressed", "false");
+      word.setAttribute("aria-label", `${token}: show its attention map`);
+      word.addEventListener("mouseenter", () => preview({ kind: "word", index }));
+      word.addEventListener("focus", () => preview({ kind: "word", index }));
+      word.addEventListener("mouseleave", () => preview(null));
+      word.addEventListener("blur", () => preview(null));
+      word.addEventListener("click", () => {
+        togglePin({ kind: "word", index });
+        revealImage();
+      });
+    }
+    els.caption.append(word);
+  });
+  if (result.tokens.length === 0) els.caption.textContent = "(the model wrote an empty caption)";
+  els.caption.hidden = false;
+  els.captionEmpty.hidden = true;
+  els.captionHelp.hidden = !hasMaps;
+  const model = result.model ? `${result.model.name} ${result.model.version}` : "";
+  els.captionMeta.textContent =
+    `Model ${model}, beam size ${els.beam.value}` +
+    (hasMaps ? "" : "; this model has no attention maps");
+}
+
+// -- question answering -----------------------------------------------------------------------------
+
+function renderSuggestions(questions) {
+  els.suggestions.replaceChildren(
+    ...questions.map((q) => {
+      const chip = document.createElement("button");
+      chip.type = "button";
+      chip.className = "chip";
+      chip.textContent = q;
+      chip.addEventListener("click", () => {
+        els.question.value = q;
+        runAsk();
+      });
+      return chip;
+    }),
+  );
+}
+
+async function runAsk() {
+  const question = els.question.value.trim();
+  if (!state.image) {
+    showError(new ApiError(-1, "choose or generate an image first"), "Asking");
+    return;
+  }
+  if (!question) {
+    showError(new ApiError(-1, "type a question first"), "Asking");
+    els.question.focus();
+    return;
+  }
+  const generation = state.generation;
+  const body = new FormData();
+  body.append("image", state.image, state.image.name || "image");
+  body.append("question", question);
+  const query = new URLSearchParams({ top_k: String(TOP_K), attention: "grid" });
+  setBusy(els.askPanel, true);
+  els.askButton.disabled = true;
+  try {
+    const result = await api(`vqa?${query}`, { method: "POST", body });
+    if (generation !== state.generation) return;
+    clearError();
+    state.vqa = result;
+    renderAnswer(result);
+  } catch (err) {
+    if (generation !== state.generation) return;
+    if (err.status === 401) state.retry = runAsk;
+    showError(err, "Answering the question");
+  } finally {
+    setBusy(els.askPanel, false);
+    els.askButton.disabled = state.vqaOff;
+  }
+}
+
+function percent(p) {
+  return `${(p * 100).toFixed(p >= 0.995 || p < 0.1 ? 1 : 0)}%`;
+}
+
+function renderAnswer(result) {
+  els.answerText.textContent = result.answer;
+  els.confidence.textContent = `${percent(result.confidence)} confident`;
+  els.topAnswers.replaceChildren(
+    ...result.top_answers.map(({ answer, probability }) => {
+      const item = document.createElement("li");
+      const name = document.createElement("span");
+      name.className = "top-name";
+      name.textContent = answer;
+      const bar = document.createElement("span");
+      bar.className = "bar";
+      bar.setAttribute("role", "presentation");
+      const fill = document.createElement("span");
+      fill.style.width = `${Math.max(0, Math.min(1, probability)) * 100}%`;
+      bar.append(fill);
+      const value = document.createElement("span");
+      value.className = "top-value";
+      value.textContent = percent(probability);
+      item.append(name, bar, value);
+      return item;
+    }),
+  );
+  const glimpses = (result.attention && result.attention.maps) || [];
+  const hasMaps = glimpses.length > 0;
+  els.glimpses.replaceChildren(
+    ...glimpses.map((_, glimpse) => {
+      const button = document.createElement("button");
+      button.type = "button";
+      button.className = "secondary glimpse";
+      button.dataset.glimpse = String(glimpse);
+      button.setAttribute("aria-pressed", "false");
+      button.textContent = glimpses.length > 1 ? `Glimpse ${glimpse + 1}` : "Where it looked";
+      button.addEventListener("click", () => {
+        pin({ kind: "answer", glimpse }); // the glimpses act as radio buttons
+        revealImage();
+      });
+      return button;
+    }),
+  );
+  els.glimpses.hidden = !hasMaps;
+  const model = result.model ? `${result.model.name} ${result.model.version}` : "";
+  els.answerMeta.textContent = `Model ${model}` + (hasMaps ? "" : "; this model has no attention maps");
+  els.answer.hidden = false;
+  if (hasMaps) pin({ kind: "answer", glimpse: 0 });
+}
+
+// -- attention maps over the image ------------------------------------------------------------------
+
+function mapFor(target) {
+  if (!target) return null;
+  if (target.kind === "word") {
+    const maps = state.caption && state.caption.attention && state.caption.attention.maps;
+    if (!maps || !maps[target.index]) return null;
+    return { map: maps[target.index], label: `Attention for the word “${state.caption.tokens[target.index]}”` };
+  }
+  const maps = state.vqa && state.vqa.attention && state.vqa.attention.maps;
+  if (!maps || !maps[target.glimpse]) return null;
+  const glimpse = maps.length > 1 ? ` (glimpse ${target.glimpse + 1} of ${maps.length})` : "";
+  return { map: maps[target.glimpse], label: `Attention for the answer “${state.vqa.answer}”${glimpse}` };
+}
+
+function sameTarget(a, b) {
+  return Boolean(a && b && a.kind === b.kind && a.index === b.index && a.glimpse === b.glimpse);
+}
+
+function preview(target) {
+  show(target || state.pinned);
+}
+
+function pin(target) {
+  state.pinned = target;
+  show(target);
+}
+
+function togglePin(target) {
+  pin(sameTarget(state.pinned, target) ? null : target);
+}
+
+// On a phone the image may have scrolled away above the caption: bring it back into view.
+function revealImage() {
+  if (els.heat.hidden) return;
+  const box = els.frame.getBoundingClientRect();
+  if (box.top >= 0 && box.bottom <= window.innerHeight) return;
+  const still = window.matchMedia("(prefers-reduced-motion: reduce)").matches;
+  els.frame.scrollIntoView({ block: "nearest", behavior: still ? "auto" : "smooth" });
+}
+
+function show(target) {
+  const found = mapFor(target);
+  for (const word of els.caption.querySelectorAll(".word")) {
+    const on = target && target.kind === "word" && Number(word.dataset.index) === target.index;
+    word.classList.toggle("active", Boolean(on));
+    if (word.hasAttribute("aria-pressed")) {
+      const pinned = sameTarget(state.pinned, { kind: "word", index: Number(word.dataset.index) });
+      word.setAttribute("aria-pressed", pinned ? "true" : "false");
+    }
+  }
+  for (const button of els.glimpses.querySelectorAll(".glimpse")) {
+    const pinned = sameTarget(state.pinned, { kind: "answer", glimpse: Number(button.dataset.glimpse) });
+    button.setAttribute("aria-pressed", pinned ? "true" : "false");
+  }
+  if (!found) {
+    hideHeat();
+    return;
+  }
+  drawHeat(found.map);
+  els.heat.dataset.target = target.kind === "word" ? `word:${target.index}` : `answer:${target.glimpse}`;
+  els.heatLabel.textContent = found.label;
+}
+
+function hideHeat() {
+  els.heat.hidden = true;
+  delete els.heat.dataset.target;
+  els.heatLabel.textContent = state.caption && state.caption.attention
+    ? "Hover over or tap a word to see where the model looked."
+    : "";
+}
+
+// Upsample the (h, w) map bilinearly to the canvas (pixel centres, as PIL does), divide by its peak
+// and colour it with viridis: the same picture as the server's attention=png overlays.
+function drawHeat(map) {
+  const h = map.length;
+  const w = h ? map[0].length : 0;
+  const nw = els.photo.naturalWidth || 1;
+  const nh = els.photo.naturalHeight || 1;
+  if (!h || !w) return hideHeat();
+  const scale = HEAT_SIDE / Math.max(nw, nh);
+  const W = Math.max(1, Math.round(nw * scale));
+  const H = Math.max(1, Math.round(nh * scale));
+  els.heat.width = W;
+  els.heat.height = H;
+  let peak = 0;
+  for (const row of map) for (const v of row) peak = Math.max(peak, v);
+  const ctx = els.heat.getContext("2d");
+  const pixels = ctx.createImageData(W, H);
+  const alpha = Math.round(HEAT_ALPHA * 255);
+  const cols = new Array(W);
+  for (let x = 0; x < W; x++) {
+    const u = Math.min(w - 1, Math.max(0, ((x + 0.5) * w) / W - 0.5));
+    const x0 = Math.floor(u);
+    cols[x] = [x0, Math.min(w - 1, x0 + 1), u - x0];
+  }
+  for (let y = 0; y < H; y++) {
+    const v = Math.min(h - 1, Math.max(0, ((y + 0.5) * h) / H - 0.5));
+    const y0 = Math.floor(v);
+    const y1 = Math.min(h - 1, y0 + 1);
+    const fy = v - y0;
+    const top = map[y0];
+    const bottom = map[y1];
+    for (let x = 0; x < W; x++) {
+      const [x0, x1, fx] = cols[x];
+      const a = top[x0] + (top[x1] - top[x0]) * fx;
+      const b = bottom[x0] + (bottom[x1] - bottom[x0]) * fx;
+      const value = a + (b - a) * fy;
+      const t = peak > 0 ? value / peak : 0;
+      const [r, g, bl] = VIRIDIS[Math.max(0, Math.min(255, Math.round(t * 255)))];
+      const k = (y * W + x) * 4;
+      pixels.data[k] = r;
+      pixels.data[k + 1] = g;
+      pixels.data[k + 2] = bl;
+      pixels.data[k + 3] = alpha;
+    }
+  }
+  ctx.putImageData(pixels, 0, 0);
+  els.heat.hidden = false;
+}
+
+// -- the API key -------------------------------------------------------------------------------------
+
+function saveKey(event) {
+  event.preventDefault();
+  const key = els.key.value.trim();
+  try {
+    if (key) sessionStorage.setItem(KEY_STORAGE, key);
+    else sessionStorage.removeItem(KEY_STORAGE);
+  } catch {
+    // storage blocked: api() falls back to the field's value
+  }
+  els.keyState.textContent = key ? "Key saved for this tab." : "No key set.";
+  showKeyBadge();
+  const retry = state.retry;
+  state.retry = null;
+  if (key && retry) {
+    clearError();
+    retry();
+  }
+}
+
+function forgetKey() {
+  try {
+    sessionStorage.removeItem(KEY_STORAGE);
+  } catch {
+    // nothing stored
+  }
+  els.key.value = "";
+  els.keyState.textContent = "Key forgotten.";
+  showKeyBadge();
+}
+
+function showKeyBadge() {
+  els.keyBadge.textContent = apiKey() ? "(set for this tab)" : "";
+}
+
+// -- wiring ------------------------------------------------------------------------------------------
+
+function init() {
+  Object.assign(els, {
+    status: $("status"),
+    error: $("error"),
+    keyPanel: $("key-panel"),
+    keyForm: $("key-form"),
+    key: $("api-key"),
+    keyForget: $("key-forget"),
+    keyState: $("key-state"),
+    keyBadge: $("key-badge"),
+    drop: $("drop"),
+    file: $("file"),
+    sample: $("sample"),
+    stage: $("stage"),
+    frame: $("frame"),
+    photo: $("photo"),
+    heat: $("heat"),
+    heatLabel: $("heat-label"),
+    captionPanel: $("caption-panel"),
+    beam: $("beam"),
+    caption: $("caption"),
+    captionEmpty: $("caption-empty"),
+    captionHelp: $("caption-help"),
+    captionMeta: $("caption-meta"),
+    reference: $("reference"),
+    askPanel: $("ask-panel"),
+    askForm: $("ask-form"),
+    question: $("question"),
+    askButton: $("ask"),
+    suggestions: $("suggestions"),
+    vqaNote: $("vqa-note"),
+    answer: $("answer"),
+    answerText: $("answer-text"),
+    confidence: $("confidence"),
+    glimpses: $("glimpses"),
+    topAnswers: $("top-answers"),
+    answerMeta: $("answer-meta"),
+  });
+
+  const stored = apiKey();
+  if (stored) {
+    els.key.value = stored;
+    els.keyState.textContent = "Using the key saved in this tab.";
+  }
+  showKeyBadge();
+  els.keyForm.addEventListener("submit", saveKey);
+  els.keyForget.addEventListener("click", forgetKey);
+
+  els.file.addEventListener("change", () => {
+    const [file] = els.file.files;
+    if (file) setImage(file, null);
+  });
+  els.sample.addEventListener("click", loadSample);
+  els.drop.addEventListener("dragover", (event) => {
+    event.preventDefault();
+    els.drop.classList.add("dragging");
+  });
+  els.drop.addEventListener("dragleave", () => els.drop.classList.remove("dragging"));
+  els.drop.addEventListener("drop", (event) => {
+    event.preventDefault();
+    els.drop.classList.remove("dragging");
+    const [file] = event.dataTransfer.files;
+    if (file) setImage(file, null);
+  });
+  els.photo.addEventListener("load", fitFrame);
+  els.beam.addEventListener("change", runCaption);
+  els.askForm.addEventListener("submit", (event) => {
+    event.preventDefault();
+    runAsk();
+  });
+  document.addEventListener("keydown", (event) => {
+    if (event.key === "Escape") pin(null);
+  });
+
+  renderSuggestions(DEFAULT_QUESTIONS);
+  checkReady();
+}
+
+document.addEventListener("DOMContentLoaded", init);

@@ -1,0 +1,448 @@
+"""The web page (`GET /`) in a real headless Chromium, and the sample-scene routes behind it.
+
+The real app runs under uvicorn on 127.0.0.1 (a free port) with tiny models written to tmp_path and
+an API key configured; Debian's `chromium` is driven by Playwright. Without that browser or the
+`playwright` package the browser tests skip with the reason (`make test` installs both).
+Screenshots go to `test-artifacts/`.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+import torch
+import uvicorn
+from PIL import Image
+
+from api.app import create_app
+from api.routes import samples
+from api.settings import Settings
+from captioner.pipeline import Captioner
+from captioner.shapes import make_scene, render
+from captioner.vocab import Vocabulary
+from tests.conftest import TINY_CAPTIONS, tiny_encoder_config, tiny_model
+
+ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
+CHROMIUM = Path(os.environ.get("CHROMIUM_PATH", "/usr/bin/chromium"))
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+API_KEY = "web-page-test-key"
+KEY_STORAGE = "captioner.apiKey"  # app.js
+HEAT_SIDE = 384  # app.js: longer side of the heatmap canvas
+QUESTIONS = ["what color is the circle?", "how many shapes are there?", "is there a square?"]
+ANSWERS = ["red", "blue", "green", "one", "two", "yes", "no"]
+TIMEOUT_MS = 10_000
+
+
+# -- the server -------------------------------------------------------------------------------------
+
+
+def save_captioner(path: Path) -> Path:
+    vocab = Vocabulary.build(TINY_CAPTIONS)
+    captioner = Captioner(tiny_model(len(vocab), seed=0), vocab, name="tiny-cap", version="1")
+    return captioner.save(path, training={"data": {"dataset": "tiny"}})
+
+
+def save_vqa(path: Path) -> tuple[Path | None, str]:
+    """A tiny VQA model folder, or (None, why not) while the VQA side is unavailable."""
+    try:
+        from captioner.vqa import VQAModel, VQANet
+
+        torch.manual_seed(0)
+        vocab = Vocabulary.build(QUESTIONS)
+        net = VQANet.build(
+            tiny_encoder_config(),
+            len(vocab),
+            len(ANSWERS),
+            embed_dim=8,
+            hidden_dim=8,
+            attention_dim=8,
+            fusion_dim=16,
+            dropout=0.0,
+        )
+        model = VQAModel(net, vocab, ANSWERS, name="tiny-vqa", version="1")
+        return model.save(path, training={"data": {"dataset": "tiny"}}), ""
+    except (ImportError, TypeError, ValueError) as exc:
+        return None, f"no tiny VQA model could be built with captioner.vqa: {exc}"
+
+
+@contextmanager
+def serving(settings: Settings) -> Iterator[str]:
+    """The real app under uvicorn in a thread, on a socket bound to a free loopback port."""
+    app = create_app(settings)
+    if not any(getattr(route, "path", "") == "/samples/scene" for route in app.routes):
+        app.include_router(samples.router)  # until api/app.py includes it
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    config = uvicorn.Config(app, log_level="warning", ws="none", access_log=False)
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 30
+        while not server.started:
+            if not thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError("uvicorn did not start")
+            time.sleep(0.02)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=15)
+        sock.close()
+
+
+@dataclass
+class Server:
+    url: str
+    vqa_skip_reason: str
+
+    def headers(self) -> dict[str, str]:
+        return {"X-API-Key": API_KEY}
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory) -> Iterator[Server]:
+    root = tmp_path_factory.mktemp("web")
+    vqa_model, reason = save_vqa(root / "vqa")
+    settings = Settings(
+        caption_model=save_captioner(root / "captioner"),
+        vqa_model=vqa_model,
+        api_key=API_KEY,
+        max_batch_delay_ms=0,
+        request_timeout_s=20,
+        cors_origins=[],
+    )
+    with serving(settings) as url:
+        yield Server(url, reason)
+
+
+@pytest.fixture(scope="module")
+def scene_png(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("images") / "scene.png"
+    render(make_scene(7)).save(path)
+    return path
+
+
+# -- the browser ------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def browser():
+    if not CHROMIUM.exists():
+        pytest.skip(f"no Chromium at {CHROMIUM}: install Debian's `chromium` (make browser)")
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        pytest.skip("the `playwright` package is not installed (it is in the test extras)")
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        yield browser
+        browser.close()
+
+
+@pytest.fixture
+def page_factory(browser, server):
+    """`open_page(with_key=True, width=1280, height=900)`: a fresh tab on the page."""
+    contexts = []
+
+    def open_page(with_key: bool = True, width: int = 1280, height: int = 900):
+        context = browser.new_context(viewport={"width": width, "height": height})
+        contexts.append(context)
+        if with_key:
+            context.add_init_script(f"sessionStorage.setItem({KEY_STORAGE!r}, {API_KEY!r})")
+        page = context.new_page()
+        page.set_default_timeout(TIMEOUT_MS)
+        errors: list[str] = []
+        page.on("pageerror", lambda exc: errors.append(str(exc)))
+        page.js_errors = errors
+        page.goto(server.url + "/")
+        page.wait_for_selector("#status[data-state='ready']")
+        return page
+
+    yield open_page
+    for context in contexts:
+        context.close()
+
+
+def screenshot(page, name: str) -> Path:
+    ARTIFACTS.mkdir(exist_ok=True)
+    path = ARTIFACTS / name
+    page.screenshot(path=str(path), full_page=True)
+    assert path.stat().st_size > 0
+    return path
+
+
+def visible(page, selector: str) -> bool:
+    return page.locator(selector).is_visible()
+
+
+# -- the heatmap, computed as app.js should draw it ------------------------------------------------
+
+_ANCHORS = np.array(
+    [[68, 1, 84], [59, 82, 139], [33, 145, 140], [94, 201, 98], [253, 231, 37]], dtype=np.float64
+)
+VIRIDIS = np.stack(
+    [np.interp(np.linspace(0, 1, 256), np.linspace(0, 1, 5), _ANCHORS[:, c]) for c in range(3)], 1
+).round()
+
+
+def expected_pixel(attention: np.ndarray, size: tuple[int, int], x: int, y: int) -> np.ndarray:
+    """Bilinear (pixel centres) upsampling to `size`, divided by the peak, coloured with viridis."""
+    h, w = attention.shape
+    width, height = size
+    u = min(w - 1, max(0.0, (x + 0.5) * w / width - 0.5))
+    v = min(h - 1, max(0.0, (y + 0.5) * h / height - 0.5))
+    x0, y0 = int(u), int(v)
+    x1, y1 = min(w - 1, x0 + 1), min(h - 1, y0 + 1)
+    fx, fy = u - x0, v - y0
+    top = attention[y0, x0] + (attention[y0, x1] - attention[y0, x0]) * fx
+    bottom = attention[y1, x0] + (attention[y1, x1] - attention[y1, x0]) * fx
+    value = (top + (bottom - top) * fy) / attention.max()
+    return VIRIDIS[int(round(value * 255))]
+
+
+def canvas_pixel(page, x: int, y: int) -> np.ndarray:
+    rgba = page.evaluate(
+        "([x, y]) => Array.from(document.getElementById('heat')"
+        ".getContext('2d').getImageData(x, y, 1, 1).data)",
+        [x, y],
+    )
+    return np.array(rgba, dtype=np.float64)
+
+
+def assert_heatmap_shows(page, attention: np.ndarray) -> None:
+    """Every grid cell's centre on the canvas has the colour that cell's weight should get."""
+    width, height = page.evaluate(
+        "() => [document.getElementById('heat').width, document.getElementById('heat').height]"
+    )
+    assert max(width, height) == HEAT_SIDE
+    h, w = attention.shape
+    for row in range(h):
+        for col in range(w):
+            x, y = int((col + 0.5) * width / w), int((row + 0.5) * height / h)
+            rgba = canvas_pixel(page, x, y)
+            assert abs(rgba[3] - 128) <= 1, rgba  # 50% over the image, as attention=png
+            expected = expected_pixel(attention, (width, height), x, y)
+            assert np.abs(rgba[:3] - expected).max() <= 4, (row, col, rgba, expected)
+
+
+# -- the sample-scene routes (no browser) -----------------------------------------------------------
+
+
+def test_sample_scene_is_the_generated_scene_and_needs_no_key(server):
+    scene = make_scene(42, size=96)
+    info = httpx.get(f"{server.url}/samples/scene", params={"seed": 42, "size": 96})
+    assert info.status_code == 200, info.text
+    body = info.json()
+    assert body["captions"] == list(scene.captions)
+    assert [q["question"] for q in body["questions"]] == [q.question for q in scene.questions]
+    assert [q["answer"] for q in body["questions"]] == [q.answer for q in scene.questions]
+
+    image = httpx.get(server.url + body["image_url"])
+    assert image.status_code == 200 and image.headers["content-type"] == "image/png"
+    served = np.asarray(Image.open(io.BytesIO(image.content)))
+    assert np.array_equal(served, np.asarray(render(scene)))
+
+
+@pytest.mark.parametrize(
+    "params", [{"seed": -1}, {"seed": 2**31}, {"seed": "x"}, {"seed": 1, "size": 8}, {}]
+)
+def test_sample_scene_bad_parameters_get_422_with_detail(server, params):
+    for path in ("/samples/scene", "/samples/scene.png"):
+        response = httpx.get(server.url + path, params=params)
+        assert response.status_code == 422, response.text
+        assert set(response.json()) == {"detail"} and response.json()["detail"]
+
+
+# -- the page in Chromium ---------------------------------------------------------------------------
+
+
+def test_page_is_served_with_its_assets(server):
+    page = httpx.get(server.url + "/")
+    assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+    for asset in ("static/app.js", "static/style.css"):
+        assert f'"{asset}"' in page.text
+        assert httpx.get(f"{server.url}/{asset}").status_code == 200
+
+
+def test_upload_shows_caption_and_each_words_attention(page_factory, server, scene_png):
+    page = page_factory()
+    page.set_input_files("#file", str(scene_png))
+    page.wait_for_selector("#caption .word")
+
+    expected = httpx.post(
+        f"{server.url}/caption",
+        params={"beam_size": 3, "attention": "grid"},
+        files={"image": ("scene.png", scene_png.read_bytes(), "image/png")},
+        headers=server.headers(),
+    ).json()
+    words = page.locator("#caption .word")
+    assert words.all_inner_texts() == expected["tokens"]
+    assert len(expected["tokens"]) >= 2, "the tiny model should write at least two words"
+    assert "tiny-cap 1" in page.inner_text("#caption-meta")
+    assert not visible(page, "#heat")
+
+    maps = np.array(expected["attention"]["maps"])  # (T, h, w)
+    for index in (0, len(expected["tokens"]) - 1):
+        words.nth(index).hover()
+        page.wait_for_selector(f"#heat[data-target='word:{index}']")
+        assert visible(page, "#heat")
+        assert expected["tokens"][index] in page.inner_text("#heat-label")
+        assert_heatmap_shows(page, maps[index])
+
+    # Moving away hides a hovered map; a clicked (tapped) word keeps its map until clicked again.
+    page.mouse.move(1, 1)
+    page.wait_for_selector("#heat", state="hidden")
+    words.nth(1).click()
+    page.mouse.move(1, 1)
+    assert page.get_attribute("#heat", "data-target") == "word:1"
+    assert words.nth(1).get_attribute("aria-pressed") == "true"
+    assert_heatmap_shows(page, maps[1])
+    screenshot(page, "web-page-caption.png")
+    words.nth(1).click()
+    page.mouse.move(1, 1)
+    page.wait_for_selector("#heat", state="hidden")
+    assert page.js_errors == []
+
+
+def test_question_is_answered_with_confidence_and_attention(page_factory, server, scene_png):
+    if server.vqa_skip_reason:
+        pytest.skip(server.vqa_skip_reason)
+    page = page_factory()
+    page.set_input_files("#file", str(scene_png))
+    page.wait_for_selector("#caption .word")
+    question = "what color is the circle?"
+    page.fill("#question", question)
+    page.click("#ask")
+    page.wait_for_selector("#answer:not([hidden])")
+
+    expected = httpx.post(
+        f"{server.url}/vqa",
+        params={"top_k": 5, "attention": "grid"},
+        files={"image": ("scene.png", scene_png.read_bytes(), "image/png")},
+        data={"question": question},
+        headers=server.headers(),
+    ).json()
+    assert page.inner_text("#answer-text") == expected["answer"]
+    assert f"{expected['confidence'] * 100:.0f}" in page.inner_text("#confidence")
+    rows = page.locator("#top-answers li .top-name").all_inner_texts()
+    assert rows == [a["answer"] for a in expected["top_answers"]]
+    # The answer's attention map is shown at once, over the same image.
+    page.wait_for_selector("#heat[data-target='answer:0']")
+    assert expected["answer"] in page.inner_text("#heat-label")
+    assert_heatmap_shows(page, np.array(expected["attention"]["maps"][0]))
+    screenshot(page, "web-page-answer.png")
+    assert page.js_errors == []
+
+
+def test_missing_api_key_is_explained_and_pasting_it_retries(page_factory, scene_png):
+    page = page_factory(with_key=False)
+    assert not page.locator("#key-panel").evaluate("el => el.open")
+    page.set_input_files("#file", str(scene_png))
+    page.wait_for_selector("#error:not([hidden])")
+    message = page.inner_text("#error")
+    assert "API key" in message and "missing API key" in message  # the API's own detail
+    assert page.locator("#key-panel").evaluate("el => el.open")
+    assert page.evaluate("() => document.activeElement.id") == "api-key"
+
+    page.fill("#api-key", API_KEY)
+    page.click("#key-save")
+    page.wait_for_selector("#caption .word")  # the caption request was sent again, with the key
+    assert not visible(page, "#error")
+    assert page.evaluate(f"() => sessionStorage.getItem({KEY_STORAGE!r})") == API_KEY
+    page.reload()
+    page.wait_for_selector("#status[data-state='ready']")
+    assert page.input_value("#api-key") == API_KEY
+    assert "set" in page.inner_text("#key-badge")
+
+    page.click("#key-panel summary")
+    page.click("#key-forget")
+    assert page.inner_text("#key-badge") == ""
+    assert page.evaluate(f"() => sessionStorage.getItem({KEY_STORAGE!r})") is None
+
+
+def test_api_error_detail_is_shown(page_factory, server, tmp_path):
+    text_file = tmp_path / "notes.png"
+    text_file.write_text("this is not an image")
+    detail = httpx.post(
+        f"{server.url}/caption",
+        files={"image": ("notes.png", text_file.read_bytes(), "image/png")},
+        headers=server.headers(),
+    ).json()["detail"]
+
+    page = page_factory()
+    page.set_input_files("#file", str(text_file))
+    page.wait_for_selector("#error:not([hidden])")
+    message = page.inner_text("#error")
+    assert page.get_attribute("#error", "data-status") == "415"
+    assert "not an image the service can read" in message and detail in message
+    assert page.js_errors == []
+
+
+def test_phone_width_sample_scene(page_factory, server):
+    page = page_factory(width=390, height=844)
+    page.click("#sample")
+    page.wait_for_selector("#caption .word")
+    alt = page.get_attribute("#photo", "alt")
+    reference = page.inner_text("#reference")
+    assert alt.startswith("Sample scene: ") and alt.removeprefix("Sample scene: ") in reference
+    chips = page.locator("#suggestions .chip").all_inner_texts()
+    assert chips and all(c.endswith("?") for c in chips)
+
+    # Nothing is wider than the phone's screen, and the image fits it.
+    assert page.evaluate("() => document.documentElement.scrollWidth") <= 390
+    box = page.locator("#photo").bounding_box()
+    assert box is not None and 200 <= box["width"] <= 390
+    # Tapping a word far below the image scrolls the image (with the word's map) back into view.
+    last = page.locator("#caption .word").last
+    last.scroll_into_view_if_needed()
+    page.evaluate("() => window.scrollTo(0, document.getElementById('caption').offsetTop)")
+    last.click()
+    page.wait_for_selector("#heat:not([hidden])")
+    page.wait_for_function(
+        "() => { const b = document.getElementById('frame').getBoundingClientRect();"
+        " return b.top >= 0 && b.bottom <= window.innerHeight; }"
+    )
+    if not server.vqa_skip_reason:
+        page.locator("#suggestions .chip").first.click()
+        page.wait_for_selector("#answer:not([hidden])")
+    screenshot(page, "web-page-phone.png")
+    assert page.js_errors == []
+
+
+def test_questions_are_off_when_the_server_has_no_vqa_model(browser, tmp_path):
+    settings = Settings(
+        caption_model=save_captioner(tmp_path / "cap"), vqa_model=None, api_key=None
+    )
+    with serving(settings) as url:
+        page = browser.new_page()
+        try:
+            page.goto(url + "/")
+            page.wait_for_selector("#status[data-state='ready']")
+            assert "vqa disabled" in page.inner_text("#status")
+            assert page.is_disabled("#ask") and page.is_disabled("#question")
+            assert "VQA model is disabled" in page.inner_text("#vqa-note")
+            assert not visible(page, "#suggestions")
+        finally:
+            page.close()
