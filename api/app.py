@@ -26,7 +26,7 @@ from captioner import __version__
 from . import errors
 from .logs import RequestLogMiddleware
 from .metrics import Metrics
-from .routes import caption, health, page, vqa
+from .routes import caption, health, page, samples, vqa
 from .routes.page import STATIC_DIR
 from .services import CaptionService, VQAService
 from .settings import Settings, get_settings
@@ -121,7 +121,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         for name, (path, _, _) in _models(settings).items()
     }
     errors.install(app)
-    for router in (health.router, caption.router, vqa.router, page.router):
+    for router in (health.router, caption.router, vqa.router, samples.router, page.router):
         app.include_router(router)
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
 
