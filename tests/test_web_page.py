@@ -26,7 +26,6 @@ import uvicorn
 from PIL import Image
 
 from api.app import create_app
-from api.routes import samples
 from api.settings import Settings
 from captioner.pipeline import Captioner
 from captioner.shapes import make_scene, render
@@ -89,8 +88,6 @@ def save_vqa(path: Path) -> tuple[Path | None, str]:
 def serving(settings: Settings) -> Iterator[str]:
     """The real app under uvicorn in a thread, on a socket bound to a free loopback port."""
     app = create_app(settings)
-    if not any(getattr(route, "path", "") == "/samples/scene" for route in app.routes):
-        app.include_router(samples.router)  # until api/app.py includes it
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind(("127.0.0.1", 0))
