@@ -155,6 +155,9 @@ def main() -> None:
     args = parser.parse_args()
     device = torch.device(args.device)
     dtype = torch.bfloat16 if args.half else torch.float32
+    if device.type == "cuda" and dtype == torch.float32:  # true fp32: no TF32 rounding in convs/matmuls
+        torch.backends.cudnn.allow_tf32 = False
+        torch.backends.cuda.matmul.allow_tf32 = False
     print(f"device {device}, torch {torch.__version__}, threads {torch.get_num_threads()}")
     enc = bench_encoder(args, device, dtype)
     print(

@@ -299,6 +299,7 @@ def restore_last(run: Path, model: CaptionModel, optimizer, scheduler) -> dict:
 
 
 def main(args: argparse.Namespace, argv: list[str] | None = None) -> dict:
+    """Train; returns the final `step`, `epoch`, last validation `metrics`, `best` value and `model`."""
     run = Path(args.out)
     if args.resume:
         saved = json.loads((run / "args.json").read_text())
@@ -473,7 +474,7 @@ def _train(args, d: Dist, run: Path, argv: list[str] | None) -> dict:
             save_last(captioner, run, optimizer, scheduler, trainer, training)
         stop = _broadcast_flag(early.should_stop, d)
         barrier(d)
-    return {"step": step, "epoch": epoch, "metrics": last_metrics, "best": early.best}
+    return {"step": step, "epoch": epoch, "metrics": last_metrics, "best": early.best, "model": model}
 
 
 def _broadcast_flag(flag: bool, d: Dist) -> bool:
