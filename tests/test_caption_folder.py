@@ -12,13 +12,13 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import tiny_model
 from PIL import Image
 
 from captioner.paths import REPO_ROOT
 from captioner.pipeline import Captioner
 from captioner.shapes import generate_split, render
 from captioner.vocab import Vocabulary
+from tests.conftest import tiny_model
 from training import caption_folder
 from training.caption_folder import coco_results, consolidate, part_path
 

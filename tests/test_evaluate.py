@@ -5,11 +5,11 @@ from __future__ import annotations
 import json
 
 import pytest
-from conftest import tiny_model
 
 from captioner.pipeline import Captioner
 from captioner.shapes import generate_split
 from captioner.vocab import Vocabulary
+from tests.conftest import tiny_model
 from training import evaluate
 from training.make_shapes import write_split
 
