@@ -55,9 +55,10 @@ TIMEOUT_MS = 10_000
 # -- the server -------------------------------------------------------------------------------------
 
 
-def save_captioner(path: Path) -> Path:
+def save_captioner(path: Path, attention: bool = True, seed: int = 0) -> Path:
     vocab = Vocabulary.build(TINY_CAPTIONS)
-    captioner = Captioner(tiny_model(len(vocab), seed=0), vocab, name="tiny-cap", version="1")
+    model = tiny_model(len(vocab), seed=seed, attention=attention)
+    captioner = Captioner(model, vocab, name="tiny-cap", version="1")
     return captioner.save(path, training={"data": {"dataset": "tiny"}})
 
 
@@ -428,10 +429,9 @@ def test_phone_width_sample_scene(page_factory, server):
     assert page.js_errors == []
 
 
-def test_questions_are_off_when_the_server_has_no_vqa_model(browser, tmp_path):
-    settings = Settings(
-        caption_model=save_captioner(tmp_path / "cap"), vqa_model=None, api_key=None
-    )
+def test_without_attention_or_vqa_the_page_says_so(browser, tmp_path, scene_png):
+    captioner = save_captioner(tmp_path / "cap", attention=False, seed=3)  # seed 3 writes words
+    settings = Settings(caption_model=captioner, vqa_model=None, api_key=None)
     with serving(settings) as url:
         page = browser.new_page()
         try:
@@ -441,5 +441,12 @@ def test_questions_are_off_when_the_server_has_no_vqa_model(browser, tmp_path):
             assert page.is_disabled("#ask") and page.is_disabled("#question")
             assert "VQA model is disabled" in page.inner_text("#vqa-note")
             assert not visible(page, "#suggestions")
+
+            page.set_input_files("#file", str(scene_png))
+            page.wait_for_selector("#caption .word")
+            assert page.locator("#caption button.word").count() == 0  # nothing to show per word
+            assert "no attention maps" in page.inner_text("#caption-meta")
+            page.locator("#caption .word").first.hover()
+            assert not visible(page, "#heat")
         finally:
             page.close()
