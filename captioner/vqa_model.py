@@ -43,6 +43,7 @@ class VQAConfig:
     coords: bool = False
     count: bool = False
     stacked: bool = False
+    question_attention: bool = False
     normalize: bool = True  # L2-normalise each grid cell (Kazemi and Elqursh, Sec. 3.1)
     dropout: float = 0.2
     pad_id: int = 0
@@ -78,13 +79,44 @@ class QuestionEncoder(nn.Module):
         self.rnn = CELLS[c.cell](c.embed_dim, c.hidden_dim, batch_first=True)
         self.dropout = nn.Dropout(c.dropout)
 
-    def forward(self, questions: torch.Tensor) -> torch.Tensor:
-        # questions (Q, T), words first and <pad> after; right padding never reaches earlier steps.
-        lengths = (questions != self.pad_id).sum(dim=1)  # (Q,)
+    def forward(self, questions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """questions (Q, T), words first and <pad> after -> (question vector (Q, H), the state
+        after every word (Q, T, H), word mask (Q, T)). Right padding never reaches earlier steps."""
+        mask = questions != self.pad_id  # (Q, T)
+        lengths = mask.sum(dim=1)  # (Q,)
         if bool((lengths == 0).any()):
             raise ValueError("every question needs at least one word")
-        out, _ = self.rnn(self.dropout(torch.tanh(self.embedding(questions))))  # (Q, T, H)
-        return out[torch.arange(len(questions), device=out.device), lengths - 1]  # (Q, H)
+        # Questions repeat a lot (templates, several images asked the same thing): run the RNN,
+        # the costliest part of a training step on a CPU, once per distinct question.
+        unique, inverse = torch.unique(questions, dim=0, return_inverse=True)
+        states, _ = self.rnn(self.dropout(torch.tanh(self.embedding(unique))))  # (U, T, H)
+        states = states[inverse]  # (Q, T, H)
+        last = states[torch.arange(len(questions), device=states.device), lengths - 1]  # (Q, H)
+        return last, states, mask
+
+
+class WordAttention(nn.Module):
+    """One summary of the question per glimpse: softmax over its words of w_g^T tanh(W h_t + U q).
+
+    Question attention as in Lu et al. (2016), "Hierarchical Question-Image Co-Attention": a
+    question about two objects ("is the red circle left of the blue square?") can send each glimpse
+    the words of one object instead of squeezing both into one query vector.
+    """
+
+    def __init__(self, c: VQAConfig):
+        super().__init__()
+        self.state_proj = nn.Linear(c.hidden_dim, c.attention_dim, bias=False)
+        self.question_proj = nn.Linear(c.hidden_dim, c.attention_dim)
+        self.score = nn.Linear(c.attention_dim, c.glimpses)
+
+    def forward(
+        self, question: torch.Tensor, states: torch.Tensor, mask: torch.Tensor
+    ) -> torch.Tensor:
+        # question (Q, H), states (Q, T, H), mask (Q, T) -> one query per glimpse (Q, G, H)
+        hidden = torch.tanh(self.state_proj(states) + self.question_proj(question).unsqueeze(1))
+        logits = self.score(hidden).transpose(1, 2)  # (Q, G, T)
+        logits = logits.masked_fill(~mask.unsqueeze(1), float("-inf"))
+        return torch.bmm(torch.softmax(logits, dim=2), states)  # (Q, G, H)
 
 
 class GlimpseAttention(nn.Module):
@@ -92,7 +124,8 @@ class GlimpseAttention(nn.Module):
 
     With `stacked`, glimpse g's query is q plus what glimpses < g saw (u_g = u_{g-1} + W_r v~_g,
     the stacked attention of Yang et al., 2016), so a later glimpse can look relative to an earlier
-    one ("the object to the left of the red circle"); otherwise the G glimpses are parallel.
+    one ("the object to the left of the red circle"); otherwise the G glimpses are parallel. With
+    `question_attention`, each glimpse starts from its own summary of the words (`WordAttention`).
     """
 
     def __init__(self, c: VQAConfig):
@@ -101,24 +134,37 @@ class GlimpseAttention(nn.Module):
         self.question_proj = nn.Linear(c.hidden_dim, c.attention_dim)
         self.score = nn.Linear(c.attention_dim, c.glimpses)
         self.refine = nn.Linear(c.cell_dim, c.hidden_dim) if c.stacked and c.glimpses > 1 else None
+        self.words = WordAttention(c) if c.question_attention else None
 
     def forward(
-        self, features: torch.Tensor, projected: torch.Tensor, question: torch.Tensor
+        self,
+        features: torch.Tensor,
+        projected: torch.Tensor,
+        question: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """features (Q, L, D), projected (Q, L, A) = feature_proj(features) computed once per image,
-        question (Q, H) -> (glimpses (Q, G, D), attention (Q, G, L), logits (Q, G, L))."""
-        if self.refine is None:
-            hidden = F.relu(projected + self.question_proj(question).unsqueeze(1))  # (Q, L, A)
+        question = QuestionEncoder's output -> (glimpses (Q, G, D), attention (Q, G, L),
+        logits (Q, G, L))."""
+        q = question[0]  # (Q, H)
+        if self.refine is None and self.words is None:
+            hidden = F.relu(projected + self.question_proj(q).unsqueeze(1))  # (Q, L, A)
             logits = self.score(hidden).transpose(1, 2)  # (Q, G, L)
             alpha = torch.softmax(logits, dim=2)
             return torch.bmm(alpha, features), alpha, logits
-        query, all_logits, glimpses = question, [], []
-        for g in range(self.score.out_features):
+        G = self.score.out_features
+        queries = (
+            self.words(*question) if self.words is not None else q.unsqueeze(1).expand(-1, G, -1)
+        )
+        seen = torch.zeros_like(q)  # (Q, H): what earlier glimpses saw, when stacked
+        all_logits, glimpses = [], []
+        for g in range(G):
+            query = queries[:, g] + seen
             hidden = F.relu(projected + self.question_proj(query).unsqueeze(1))  # (Q, L, A)
             logits = F.linear(hidden, self.score.weight[g : g + 1], self.score.bias[g : g + 1])
             alpha = torch.softmax(logits.squeeze(2), dim=1)  # (Q, L)
             glimpse = torch.bmm(alpha.unsqueeze(1), features).squeeze(1)  # (Q, D)
-            query = query + self.refine(glimpse)
+            if self.refine is not None:
+                seen = seen + self.refine(glimpse)
             all_logits.append(logits.squeeze(2))
             glimpses.append(glimpse)
         logits = torch.stack(all_logits, dim=1)  # (Q, G, L)
@@ -220,13 +266,16 @@ class VQANet(nn.Module):
             v = torch.cat(
                 [v, self.cell_xy.to(v.dtype).expand(len(v), -1, -1)], dim=2
             )  # (B, L, D+2)
-        q = self.question(questions)  # (Q, H)
+        question = self.question(questions)
+        q = question[0]  # (Q, H)
         if self.attend is None:
             image = v.mean(dim=1)[image_index]  # (Q, D)
             alpha = None
         else:
             projected = self.attend.feature_proj(v)[image_index]  # (Q, L, A)
-            glimpses, alpha, logits = self.attend(v[image_index], projected, q)  # (Q, G, D|L)
+            glimpses, alpha, logits = self.attend(
+                v[image_index], projected, question
+            )  # (Q, G, D|L)
             image = glimpses.flatten(1)  # (Q, G*D)
             if c.count:
                 image = torch.cat([image, torch.sigmoid(logits).sum(dim=2)], dim=1)

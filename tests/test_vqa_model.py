@@ -22,6 +22,8 @@ VARIANTS = {
     "stacked_coords_count_pos": dict(
         glimpses=3, stacked=True, coords=True, count=True, positional=True, normalize=False
     ),
+    "question_attention": dict(glimpses=2, question_attention=True, coords=True),
+    "all": dict(glimpses=2, question_attention=True, stacked=True, coords=True, count=True),
     "baseline": dict(attention=False, positional=True),
 }
 
@@ -54,7 +56,7 @@ def test_shapes_and_every_parameter_gets_a_finite_gradient(variant):
         assert p.grad.abs().sum() > 0, f"{name} has an all-zero gradient"
 
 
-@pytest.mark.parametrize("variant", ["kazemi", "stacked_coords_count_pos"])
+@pytest.mark.parametrize("variant", ["kazemi", "stacked_coords_count_pos", "all"])
 def test_attention_maps_sum_to_one_per_glimpse(variant):
     net = tiny_vqa(**VARIANTS[variant]).eval()
     glimpses = VARIANTS[variant]["glimpses"]
@@ -75,7 +77,7 @@ def test_baseline_has_no_attention():
 
 def test_shared_image_index_equals_repeated_images():
     """Several questions about one image give what repeating the image once per question gives."""
-    net = tiny_vqa(**VARIANTS["stacked_coords_count_pos"]).eval()
+    net = tiny_vqa(**VARIANTS["all"]).eval()
     images = torch.randn(2, 3, 32, 32)
     questions = torch.randint(4, 30, (4, 6))
     index = torch.tensor([1, 0, 1, 1])
@@ -85,12 +87,15 @@ def test_shared_image_index_equals_repeated_images():
     torch.testing.assert_close(shared, repeated, atol=1e-5, rtol=1e-5)
 
 
-def test_padding_does_not_change_the_question_vector():
-    net = tiny_vqa().eval()
+@pytest.mark.parametrize("variant", ["kazemi", "all"])
+def test_padding_changes_nothing(variant):
+    net = tiny_vqa(**VARIANTS[variant]).eval()
+    feats = net.features(torch.randn(1, 3, 32, 32))
     q = torch.tensor([[5, 6, 7]])
     padded = torch.tensor([[5, 6, 7, 0, 0, 0]])
     with torch.no_grad():
-        torch.testing.assert_close(net.question(q), net.question(padded))
+        torch.testing.assert_close(net.question(q)[0], net.question(padded)[0])
+        torch.testing.assert_close(net.head(feats, q), net.head(feats, padded))
 
 
 def test_soft_cross_entropy_uses_all_answers_and_skips_unanswerable():

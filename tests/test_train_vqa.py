@@ -1,0 +1,148 @@
+"""train_vqa / evaluate_vqa end to end on a tiny shapes dataset: run folder, resume, DDP, metrics."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from captioner.shapes import generate_split
+from captioner.vqa import VQAModel
+from training import evaluate_vqa, train_vqa
+from training.make_shapes import write_split
+
+ROOT = Path(__file__).resolve().parent.parent
+TINY = ["--input-size", "32", "--grid-size", "4", "--encoder-width", "4", "--embed-dim", "8"]
+TINY += ["--hidden-dim", "16", "--attention-dim", "8", "--fusion-dim", "16", "--batch-size", "8"]
+TINY += ["--warmup-steps", "2", "--no-progress", "--device", "cpu"]
+
+
+@pytest.fixture(scope="module")
+def shapes(tmp_path_factory):
+    root = tmp_path_factory.mktemp("shapes")
+    write_split(generate_split(24, seed=5, size=32), root / "train")
+    write_split(generate_split(6, seed=6, size=32, start_id=1000), root / "val")
+    write_split(generate_split(6, seed=7, size=32, start_id=2000), root / "test")
+    return root
+
+
+def _run(argv):
+    return train_vqa.main(train_vqa.get_args_parser().parse_args(argv), argv)
+
+
+def test_training_writes_run_folder_and_resume_continues_the_step_count(shapes, tmp_path):
+    out = tmp_path / "run"
+    first = _run(["--data", str(shapes), "--out", str(out), "--epochs", "2", "--coords", *TINY])
+    assert first["step"] == 6 and first["epoch"] == 2  # 24 images / 8 per step, 2 epochs
+    assert {p.name for p in out.iterdir()} >= {"args.json", "metrics.jsonl", "best", "last"}
+    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [line["epoch"] for line in lines] == [1, 2]
+    assert {"val_accuracy", "per_answer_type", "per_question_type", "loss"} <= set(lines[0])
+    assert set(lines[0]["per_question_type"]) <= {"color", "shape", "count", "exist", "relation"}
+    training = json.loads((out / "best" / "training.json").read_text())
+    assert training["command"].startswith("python -m training.train_vqa --data")
+    assert training["data"]["train_images"] == 24 and training["data"]["skipped_missing_image"] == 0
+    assert {p.name for p in (out / "last").iterdir()} >= {"optimizer.safetensors", "trainer.json"}
+    vqa = VQAModel.load(out / "best")
+    image = next((shapes / "val" / "images").iterdir())
+    [result] = vqa.answer([image], ["how many objects are there?"])
+    assert result.answer in vqa.answers
+
+    resumed = _run(["--out", str(out), "--resume", "--epochs", "3"])
+    assert resumed["step"] == 9 and resumed["epoch"] == 3
+    epochs = [
+        json.loads(line)["epoch"] for line in (out / "metrics.jsonl").read_text().splitlines()
+    ]
+    assert epochs == [1, 2, 3]
+
+
+def test_time_budget_stops_mid_epoch_and_resume_matches_an_uninterrupted_run(shapes, tmp_path):
+    common = ["--data", str(shapes), "--dropout", "0.3", "--stacked", "--count", "--epochs", "2"]
+    straight = _run([*common, *TINY, "--out", str(tmp_path / "a")])
+    out = tmp_path / "b"
+    stopped = _run([*common, *TINY, "--out", str(out), "--max-minutes", "1e-9"])
+    assert stopped["step"] == 1 and stopped["epoch"] == 0
+    trainer = json.loads((out / "last" / "trainer.json").read_text())
+    assert (trainer["step"], trainer["epoch"], trainer["batch_in_epoch"]) == (1, 0, 1)
+    assert not (out / "best").exists()
+    resumed = _run(["--out", str(out), "--resume", "--max-minutes", "0"])
+    assert resumed["step"] == straight["step"] == 6 and resumed["epoch"] == 2
+    assert resumed["weights_sha256"] == straight["weights_sha256"]
+
+
+def test_baseline_and_no_validation(shapes, tmp_path):
+    out = tmp_path / "base"
+    argv = ["--data", str(shapes), "--out", str(out), "--epochs", "1", "--no-attention", *TINY]
+    result = _run([*argv, "--val-split", "none", "--cell", "gru"])
+    assert result["metrics"] == {}
+    meta = VQAModel.load(out / "best").metadata()
+    assert meta["attention"] is False and meta["question_encoder"] == "gru"
+
+
+def test_bad_arguments_name_the_problem(shapes, tmp_path):
+    with pytest.raises(ValueError, match="--data"):
+        _run(["--out", str(tmp_path / "x")])
+    with pytest.raises(ValueError, match="split folder not found"):
+        _run(["--data", str(shapes), "--train-split", "nope", "--out", str(tmp_path / "x")])
+
+
+def test_evaluate_writes_the_metrics(shapes, tmp_path):
+    _run(["--data", str(shapes), "--out", str(tmp_path / "run"), "--epochs", "1", *TINY])
+    test = shapes / "test"
+    out = tmp_path / "metrics.json"
+    args = evaluate_vqa.get_args_parser().parse_args(
+        ["--model", str(tmp_path / "run" / "best"), "--questions", str(test / "questions.json"),
+         "--annotations", str(test / "annotations.json"), "--images", str(test / "images"),
+         "--out", str(out), "--no-progress"]
+    )  # fmt: skip
+    evaluate_vqa.main(args)
+    metrics = json.loads(out.read_text())
+    n = len(json.loads((test / "questions.json").read_text())["questions"])
+    assert metrics["n"] == n and 0.0 <= metrics["accuracy"] <= 1.0
+    assert set(metrics["per_answer_type"]) <= {"yes/no", "number", "other"}
+    assert set(metrics["per_question_type"]) <= {"color", "shape", "count", "exist", "relation"}
+
+
+def test_predictions_score_one_when_every_answer_is_right(shapes):
+    """The scoring path itself: feeding the ground truth through evaluate() gives accuracy 1."""
+    split = train_vqa.load_split(shapes, "val")
+    data = evaluate_vqa.prepare(split, 32)
+    truth = {item.question_id: item.multiple_choice_answer for item in data.split.items}
+    from captioner.vqa_metric import evaluate
+
+    assert evaluate(truth, evaluate_vqa.annotations_of(data.split))["accuracy"] == 1.0
+    assert sum(map(len, data.by_image)) == len(data.split.items) == len(split.items)
+
+
+def test_scripts_have_help():
+    for module in ("training.train_vqa", "training.evaluate_vqa"):
+        proc = subprocess.run(
+            [sys.executable, "-m", module, "--help"], capture_output=True, text=True, cwd=ROOT
+        )
+        assert proc.returncode == 0 and "usage:" in proc.stdout, proc.stderr
+
+
+def test_two_cpu_processes_under_torchrun_end_with_identical_weights(shapes, tmp_path):
+    out = tmp_path / "ddp"
+    script = tmp_path / "ddp_train.py"
+    script.write_text(
+        "import json, os, sys\n"
+        "from training.train_vqa import get_args_parser, main\n"
+        "argv = sys.argv[1:]\n"
+        "result = main(get_args_parser().parse_args(argv), argv)\n"
+        "path = os.path.join(os.environ['OUT_DIR'], f\"rank{os.environ['RANK']}.json\")\n"
+        "json.dump({'sha': result['weights_sha256'], 'step': result['step']}, open(path, 'w'))\n"
+    )
+    argv = ["--data", str(shapes), "--out", str(out), "--epochs", "2", "--stacked", *TINY]
+    env = {**os.environ, "OUT_DIR": str(tmp_path), "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    proc = subprocess.run([*cmd, str(script), *argv], env=env, capture_output=True, text=True, timeout=240)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert ranks[0] == ranks[1]
+    assert ranks[0]["step"] == 4  # 24 images, 12 per rank, 8 per step: 2 steps per epoch
+    assert json.loads((out / "best" / "training.json").read_text())["world_size"] == 2
+    assert torch.distributed.is_available()
