@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 HOST ?= 127.0.0.1
 PORT ?= 8000
 
-.PHONY: install test lint format serve bench demo-models clean
+.PHONY: install browser test lint format serve bench demo-models clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -20,7 +20,13 @@ $(STAMP): pyproject.toml | $(PY)
 
 install: $(STAMP)
 
-test: install
+# The web page tests drive Debian's chromium; they skip with the reason when it cannot be installed.
+browser:
+	@command -v chromium >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null \
+		&& (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium) \
+		>/dev/null 2>&1; } || echo "chromium not installed: the web page tests will skip"
+
+test: install browser
 	$(PY) -m ruff check captioner api training tests bench
 	$(PY) -m pytest -q
 

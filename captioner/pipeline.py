@@ -54,8 +54,7 @@ def as_images(
     images: Sequence[ImageInput], max_pixels: int = DEFAULT_MAX_PIXELS
 ) -> list[Image.Image]:
     return [
-        to_rgb(im) if isinstance(im, Image.Image) else load_image(im, max_pixels)
-        for im in images
+        to_rgb(im) if isinstance(im, Image.Image) else load_image(im, max_pixels) for im in images
     ]
 
 

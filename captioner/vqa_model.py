@@ -44,6 +44,7 @@ class VQAConfig:
     count: bool = False
     stacked: bool = False
     question_attention: bool = False
+    relative: bool = False
     normalize: bool = True  # L2-normalise each grid cell (Kazemi and Elqursh, Sec. 3.1)
     dropout: float = 0.2
     pad_id: int = 0
@@ -135,18 +136,23 @@ class GlimpseAttention(nn.Module):
         self.score = nn.Linear(c.attention_dim, c.glimpses)
         self.refine = nn.Linear(c.cell_dim, c.hidden_dim) if c.stacked and c.glimpses > 1 else None
         self.words = WordAttention(c) if c.question_attention else None
+        # Glimpse g > 0 may also score each cell by its offset from where glimpse g-1 looked,
+        # through a small question-weighted basis of offset features (w(u_g)^T ReLU(P [dx; dy])).
+        self.offset_basis = nn.Linear(2, 32) if c.relative else None
+        self.offset_query = nn.Linear(c.hidden_dim, 32) if c.relative else None
 
     def forward(
         self,
         features: torch.Tensor,
         projected: torch.Tensor,
         question: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+        cell_xy: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """features (Q, L, D), projected (Q, L, A) = feature_proj(features) computed once per image,
         question = QuestionEncoder's output -> (glimpses (Q, G, D), attention (Q, G, L),
         logits (Q, G, L))."""
         q = question[0]  # (Q, H)
-        if self.refine is None and self.words is None:
+        if self.refine is None and self.words is None and self.offset_basis is None:
             hidden = F.relu(projected + self.question_proj(q).unsqueeze(1))  # (Q, L, A)
             logits = self.score(hidden).transpose(1, 2)  # (Q, G, L)
             alpha = torch.softmax(logits, dim=2)
@@ -161,6 +167,10 @@ class GlimpseAttention(nn.Module):
             query = queries[:, g] + seen
             hidden = F.relu(projected + self.question_proj(query).unsqueeze(1))  # (Q, L, A)
             logits = F.linear(hidden, self.score.weight[g : g + 1], self.score.bias[g : g + 1])
+            if self.offset_basis is not None and g > 0:
+                centre = alpha @ cell_xy  # (Q, 2): where the previous glimpse looked
+                offsets = F.relu(self.offset_basis(cell_xy - centre.unsqueeze(1)))  # (Q, L, 32)
+                logits = logits + offsets @ self.offset_query(query).unsqueeze(2)  # (Q, L, 1)
             alpha = torch.softmax(logits.squeeze(2), dim=1)  # (Q, L)
             glimpse = torch.bmm(alpha.unsqueeze(1), features).squeeze(1)  # (Q, D)
             if self.refine is not None:
@@ -193,15 +203,12 @@ class VQANet(nn.Module):
             nn.Parameter(torch.zeros(c.grid_cells, c.feature_dim)) if c.positional else None
         )
         self.attend = GlimpseAttention(c) if c.attention else None
-        if c.coords:
-            h, w = self.encoder.grid_hw
-            ys, xs = torch.meshgrid(
-                (torch.arange(h) + 0.5) / h * 2 - 1,
-                (torch.arange(w) + 0.5) / w * 2 - 1,
-                indexing="ij",
-            )
-            # Not saved with the weights: it follows from the grid.
-            self.register_buffer("cell_xy", torch.stack([xs, ys], dim=2).flatten(0, 1), False)
+        h, w = self.encoder.grid_hw
+        ys, xs = torch.meshgrid(
+            (torch.arange(h) + 0.5) / h * 2 - 1, (torch.arange(w) + 0.5) / w * 2 - 1, indexing="ij"
+        )
+        # Each cell's centre (x, y) in [-1, 1]; not saved with the weights: it follows from the grid.
+        self.register_buffer("cell_xy", torch.stack([xs, ys], dim=2).flatten(0, 1), False)
         image_dim = c.glimpses * c.cell_dim if c.attention else c.cell_dim
         count_dim = c.glimpses if c.attention and c.count else 0
         self.classifier = nn.Sequential(
@@ -274,7 +281,7 @@ class VQANet(nn.Module):
         else:
             projected = self.attend.feature_proj(v)[image_index]  # (Q, L, A)
             glimpses, alpha, logits = self.attend(
-                v[image_index], projected, question
+                v[image_index], projected, question, self.cell_xy.to(v.dtype)
             )  # (Q, G, D|L)
             image = glimpses.flatten(1)  # (Q, G*D)
             if c.count:

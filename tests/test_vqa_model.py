@@ -23,7 +23,10 @@ VARIANTS = {
         glimpses=3, stacked=True, coords=True, count=True, positional=True, normalize=False
     ),
     "question_attention": dict(glimpses=2, question_attention=True, coords=True),
-    "all": dict(glimpses=2, question_attention=True, stacked=True, coords=True, count=True),
+    "relative": dict(glimpses=3, relative=True),
+    "all": dict(
+        glimpses=2, question_attention=True, stacked=True, coords=True, count=True, relative=True
+    ),
     "baseline": dict(attention=False, positional=True),
 }
 

@@ -52,7 +52,15 @@ from training.common import (
     write_json_atomic,
 )
 
-RESUME_OVERRIDES = ("resume", "max_minutes", "device", "epochs", "patience")
+RESUME_OVERRIDES = (
+    "resume",
+    "max_minutes",
+    "stop_after_steps",
+    "device",
+    "epochs",
+    "patience",
+    "no_progress",
+)
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -152,6 +160,12 @@ def get_args_parser() -> argparse.ArgumentParser:
     run.add_argument("--val-beam-size", type=int, default=1)
     run.add_argument("--save-every", type=int, default=0, help="also save last/ every N steps")
     run.add_argument("--max-minutes", type=float, default=0, help="stop (and save) after this long")
+    run.add_argument(
+        "--stop-after-steps",
+        type=int,
+        default=0,
+        help="stop (and save last/) at this step; resume later",
+    )
     run.add_argument("--no-progress", action="store_true")
     return p
 
@@ -229,23 +243,26 @@ def make_optimizer(model: CaptionModel, args) -> torch.optim.Optimizer:
 def validate(
     captioner: Captioner, images: ImageTensors, val: CaptionSet, objects_file: Path | None, args
 ) -> dict:
-    from captioner.metrics import coco_scores, object_scene_accuracy
+    """BLEU/CIDEr without Java (fast); on shapes data also object/scene accuracy and grounding."""
+    from captioner.metrics import coco_scores, grounding, object_scene_accuracy
 
     captioner.model.eval()
-    candidates = {}
+    results = {}
     for idx in batches(list(range(len(images))), 64):
         feats = captioner.encode(images.batch(idx, captioner.device))
-        for i, r in zip(
-            idx, captioner.caption_features(feats, beam_size=args.val_beam_size), strict=True
-        ):
-            candidates[val.records[i].image_id] = r.caption
+        hyps = captioner.caption_features(feats, beam_size=args.val_beam_size)
+        for i, r in zip(idx, hyps, strict=True):
+            results[val.records[i].image_id] = r
+    candidates = {k: r.caption for k, r in results.items()}
     refs = {r.image_id: r.captions for r in val.records}
     scores = coco_scores(refs, candidates, meteor=False, ptb_tokenize=False)
     if objects_file is not None:
-        objects = {
-            o["image_id"]: o["objects"] for o in json.loads(objects_file.read_text())["images"]
-        }
-        scores.update(object_scene_accuracy(candidates, {k: objects[k] for k in candidates}))
+        listed = json.loads(objects_file.read_text())["images"]
+        objects = {o["image_id"]: o["objects"] for o in listed if o["image_id"] in results}
+        scores.update(object_scene_accuracy(candidates, objects))
+        if captioner.model.decoder.attend is not None:
+            g = grounding(results, objects, captioner.model.grid_hw)
+            scores["grounding"] = g["grounding"]
     captioner.model.train()
     return scores
 
@@ -432,7 +449,10 @@ def _train(args, d: Dist, run: Path, argv: list[str] | None) -> dict:
                 loss=f"{loss.item():.3f}",
                 img_s=f"{seen * d.world_size / (time.monotonic() - t0):.0f}",
             )
-            out_of_time = args.max_minutes and (time.monotonic() - started) > args.max_minutes * 60
+            out_of_time = bool(
+                args.max_minutes and (time.monotonic() - started) > args.max_minutes * 60
+            )
+            out_of_time |= bool(args.stop_after_steps and step >= args.stop_after_steps)
             if (args.save_every and step % args.save_every == 0) or out_of_time:
                 trainer = {
                     "step": step,
@@ -447,6 +467,7 @@ def _train(args, d: Dist, run: Path, argv: list[str] | None) -> dict:
                 break
         if stop:
             break
+        _sync_buffers(model, d)
         epoch, skip = epoch + 1, 0
         record = {
             "epoch": epoch,
@@ -474,7 +495,21 @@ def _train(args, d: Dist, run: Path, argv: list[str] | None) -> dict:
             save_last(captioner, run, optimizer, scheduler, trainer, training)
         stop = _broadcast_flag(early.should_stop, d)
         barrier(d)
-    return {"step": step, "epoch": epoch, "metrics": last_metrics, "best": early.best, "model": model}
+    return {
+        "step": step,
+        "epoch": epoch,
+        "metrics": last_metrics,
+        "best": early.best,
+        "model": model,
+    }
+
+
+def _sync_buffers(model: torch.nn.Module, d: Dist) -> None:
+    """DDP broadcasts BatchNorm statistics before each forward, so after the last step every rank
+    holds its own; take rank 0's so all ranks (and the saved model) agree."""
+    if d.enabled:
+        for buffer in model.buffers():
+            torch.distributed.broadcast(buffer, src=0)
 
 
 def _broadcast_flag(flag: bool, d: Dist) -> bool:

@@ -100,6 +100,12 @@ def get_args_parser() -> argparse.ArgumentParser:
     model.add_argument("--no-attention", action="store_true", help="the pooled-image baseline")
     model.add_argument("--stacked", action="store_true", help="each glimpse sees the ones before")
     model.add_argument("--coords", action="store_true", help="append each cell's (x, y)")
+    model.add_argument(
+        "--question-attention", action="store_true", help="each glimpse weighs the question words"
+    )
+    model.add_argument(
+        "--relative", action="store_true", help="glimpses after the first score offsets from it"
+    )
     model.add_argument("--positional", action="store_true", help="learned embedding per cell")
     model.add_argument("--count", action="store_true", help="feed each glimpse's sigmoid mass")
     model.add_argument("--no-normalize", action="store_true", help="skip the L2 norm per cell")
@@ -206,6 +212,8 @@ def build_model(args, vocab: Vocabulary, answers: list[str]) -> VQANet:
         coords=args.coords,
         count=args.count,
         stacked=args.stacked,
+        question_attention=args.question_attention,
+        relative=args.relative,
         normalize=not args.no_normalize,
         dropout=args.dropout,
         pad_id=vocab.pad_id,

@@ -1,0 +1,180 @@
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from captioner.pipeline import Captioner
+from captioner.shapes import generate_split
+from training.make_shapes import write_split
+from training.train_captioner import get_args_parser, main
+
+ROOT = Path(__file__).resolve().parent.parent
+TINY = ["--input-size", "32", "--encoder-width", "4", "--embed-dim", "16", "--hidden-dim", "24"]
+TINY += ["--attention-dim", "12", "--batch-size", "16", "--warmup-steps", "2", "--no-progress"]
+
+
+@pytest.fixture(scope="module")
+def shapes(tmp_path_factory):
+    root = tmp_path_factory.mktemp("shapes")
+    write_split(generate_split(24, seed=5, size=32), root / "train")
+    write_split(generate_split(6, seed=6, size=32, start_id=1000), root / "val")
+    return root
+
+
+def _run(argv):
+    return main(get_args_parser().parse_args(argv), argv)
+
+
+def test_training_writes_run_folder_and_resume_continues_the_step_count(shapes, tmp_path):
+    out = tmp_path / "run"
+    argv = [
+        "--data",
+        str(shapes),
+        "--out",
+        str(out),
+        "--epochs",
+        "2",
+        "--references",
+        "first",
+        *TINY,
+    ]
+    first = _run(argv)
+    assert first["step"] == 4 and first["epoch"] == 2
+    assert {p.name for p in out.iterdir()} >= {"args.json", "metrics.jsonl", "best", "last"}
+    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [line["epoch"] for line in lines] == [1, 2]
+    assert {"CIDEr", "Bleu_4", "scene_accuracy", "object_accuracy"} <= set(lines[0])
+    training = json.loads((out / "best" / "training.json").read_text())
+    assert training["command"].startswith("python -m training.train_captioner --data")
+    assert Captioner.load(out / "best").caption(
+        [shapes / "val" / "images" / os.listdir(shapes / "val" / "images")[0]]
+    )
+
+    resumed = _run(["--out", str(out), "--resume", "--epochs", "3"])
+    assert resumed["step"] == 6 and resumed["epoch"] == 3
+    assert [
+        json.loads(line)["epoch"] for line in (out / "metrics.jsonl").read_text().splitlines()
+    ] == [1, 2, 3]
+
+
+def test_resume_matches_an_uninterrupted_run(shapes, tmp_path):
+    common = [
+        "--data",
+        str(shapes),
+        "--references",
+        "first",
+        "--dropout",
+        "0.2",
+        "--scheduled-sampling",
+        "0.5",
+        *TINY,
+    ]
+    straight = _run([*common, "--out", str(tmp_path / "a"), "--epochs", "2"])
+    stopped = _run(
+        [*common, "--out", str(tmp_path / "b"), "--epochs", "2", "--stop-after-steps", "3"]
+    )
+    assert stopped["step"] == 3 and stopped["epoch"] == 1  # mid-way through the second epoch
+    resumed = _run(["--out", str(tmp_path / "b"), "--resume", "--epochs", "2"])
+    assert resumed["step"] == straight["step"] == 4
+    for key, value in straight["model"].state_dict().items():
+        torch.testing.assert_close(resumed["model"].state_dict()[key], value, msg=key)
+
+
+def test_frozen_pretrained_encoder_uses_cached_features(shapes, tmp_path):
+    argv = ["--data", str(shapes), "--out", str(tmp_path / "r"), "--epochs", "1", *TINY]
+    argv += [
+        "--encoder",
+        "efficientnet_lite0",
+        "--encoder-weights",
+        "imagenet",
+        "--input-size",
+        "64",
+        "--grid-size",
+        "2",
+    ]
+    result = _run(argv)
+    assert result["model"].encoder.frozen
+    meta = Captioner.load(tmp_path / "r" / "best").metadata()
+    assert meta["encoder"] == "efficientnet_lite0" and meta["attention_grid"] == [2, 2]
+
+
+def test_bad_arguments_name_the_problem(tmp_path):
+    with pytest.raises(ValueError, match="--data"):
+        _run(["--out", str(tmp_path / "x")])
+    with pytest.raises(ValueError, match="not found"):
+        _run(
+            [
+                "--train-captions",
+                str(tmp_path / "none.json"),
+                "--train-images",
+                str(tmp_path),
+                "--out",
+                str(tmp_path / "x"),
+            ]
+        )
+
+
+def test_two_cpu_processes_under_torchrun_end_identical_and_the_loss_falls(shapes, tmp_path):
+    out = tmp_path / "ddp"
+    script = tmp_path / "ddp_train.py"
+    script.write_text(
+        "import os, sys\n"
+        "from safetensors.torch import save_file\n"
+        "from training.train_captioner import get_args_parser, main\n"
+        "argv = sys.argv[1:]\n"
+        "result = main(get_args_parser().parse_args(argv), argv)\n"
+        "save_file({k: v.contiguous() for k, v in result['model'].state_dict().items()}, "
+        "os.path.join(os.environ['OUT_DIR'], f\"rank{os.environ['RANK']}.safetensors\"))\n"
+    )
+    argv = [
+        "--data",
+        str(shapes),
+        "--out",
+        str(out),
+        "--epochs",
+        "4",
+        "--device",
+        "cpu",
+        "--lr",
+        "5e-3",
+        *TINY,
+    ]
+    env = {**os.environ, "OUT_DIR": str(tmp_path), "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",  # a free port of its own (--master_port=0 hangs the workers)
+        "--nproc_per_node=2",
+        str(script),
+        *argv,
+    ]
+    proc = subprocess.Popen(
+        cmd,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        output, _ = proc.communicate(timeout=120)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)  # the workers too: they hold the pipe open
+        output, _ = proc.communicate()
+    assert proc.returncode == 0, output[-3000:]
+    a, b = (
+        load_file(str(tmp_path / "rank0.safetensors")),
+        load_file(str(tmp_path / "rank1.safetensors")),
+    )
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    losses = [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert len(losses) == 4 and losses[-1] < losses[0]
+    assert json.loads((out / "best" / "training.json").read_text())["world_size"] == 2
