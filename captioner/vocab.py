@@ -66,8 +66,9 @@ class Vocabulary:
         return words
 
     def decode(self, ids: Sequence[int]) -> str:
-        """A readable caption: no special tokens, punctuation attached to the word before it."""
-        return detokenize(self.decode_tokens(ids))
+        """A readable caption: no special tokens (`<unk>` included), punctuation attached to the
+        word before it. `decode_tokens` keeps `<unk>`, so tokens stay aligned with their scores."""
+        return detokenize([w for w in self.decode_tokens(ids) if w != UNK])
 
     def to_json(self) -> dict:
         return {"words": self.itos[len(SPECIALS) :]}

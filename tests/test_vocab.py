@@ -40,3 +40,10 @@ def test_bad_json_is_refused(bad):
 def test_min_count_must_be_positive():
     with pytest.raises(ValueError, match="min_count"):
         Vocabulary.build(["a"], min_count=0)
+
+
+def test_decoded_captions_never_show_special_tokens():
+    v = Vocabulary.build(["a cat", "a cat"], min_count=2)
+    ids = [v.start_id, v.stoi["a"], v.unk_id, v.stoi["cat"], v.end_id, v.pad_id]
+    assert v.decode(ids) == "a cat"
+    assert v.decode_tokens(ids) == ["a", "<unk>", "cat"]  # aligned with per-token scores
