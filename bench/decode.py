@@ -155,7 +155,8 @@ def main() -> None:
     args = parser.parse_args()
     device = torch.device(args.device)
     dtype = torch.bfloat16 if args.half else torch.float32
-    if device.type == "cuda" and dtype == torch.float32:  # true fp32: no TF32 rounding in convs/matmuls
+    # True fp32 on CUDA: no TF32 rounding in convs and matmuls.
+    if device.type == "cuda" and dtype == torch.float32:
         torch.backends.cudnn.allow_tf32 = False
         torch.backends.cuda.matmul.allow_tf32 = False
     print(f"device {device}, torch {torch.__version__}, threads {torch.get_num_threads()}")
