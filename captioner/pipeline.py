@@ -25,7 +25,7 @@ from .encoder import EncoderConfig
 from .image import DEFAULT_MAX_PIXELS, load_image, preprocess_batch, to_rgb
 from .model import CaptionModel
 from .search import Hypothesis, beam_search, greedy, sample
-from .vocab import Vocabulary, detokenize
+from .vocab import Vocabulary
 
 ImageInput = Image.Image | bytes | str | os.PathLike
 
@@ -205,7 +205,7 @@ class Captioner:
             h, w = self.model.grid_hw
             attention = hyp.attention.numpy().reshape(len(words), h, w)
         return CaptionResult(
-            caption=detokenize(words),
+            caption=self.vocab.decode(hyp.tokens),
             tokens=words,
             token_logprobs=[float(x) for x in hyp.token_logprobs],
             score=float(hyp.score),
