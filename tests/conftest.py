@@ -2,12 +2,20 @@
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
 from captioner.encoder import EncoderConfig
 from captioner.model import CaptionModel
 from captioner.vocab import Vocabulary
+
+ROOT = Path(__file__).resolve().parent.parent
 
 TINY_CAPTIONS = [
     "a small red circle to the left of a large blue square",
@@ -40,3 +48,29 @@ def captioner(vocab):
     from captioner.pipeline import Captioner
 
     return Captioner(tiny_model(len(vocab)), vocab, name="tiny", version="1")
+
+
+def run_torchrun(script: Path, argv: list[str], out_dir: Path, timeout: float = 240) -> str:
+    """Run `script argv` as 2 CPU processes under torchrun; returns its output, asserting exit 0.
+
+    `--standalone` takes a free port of its own (`--master_port=0` leaves the workers waiting).
+    The launcher gets its own session so that a time-out kills the workers too: they hold the
+    output pipe open, and killing only the launcher would leave the test waiting on them.
+    """
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    env = {**os.environ, "OUT_DIR": str(out_dir), "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(
+        [*cmd, str(script), *argv],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        output, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        output, _ = proc.communicate()
+    assert proc.returncode == 0, output[-3000:]
+    return output

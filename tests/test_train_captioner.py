@@ -1,8 +1,5 @@
 import json
 import os
-import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -11,10 +8,10 @@ from safetensors.torch import load_file
 
 from captioner.pipeline import Captioner
 from captioner.shapes import generate_split
+from tests.conftest import run_torchrun
 from training.make_shapes import write_split
 from training.train_captioner import get_args_parser, main
 
-ROOT = Path(__file__).resolve().parent.parent
 TINY = ["--input-size", "32", "--encoder-width", "4", "--embed-dim", "16", "--hidden-dim", "24"]
 TINY += ["--attention-dim", "12", "--batch-size", "16", "--warmup-steps", "2", "--no-progress"]
 
@@ -31,19 +28,14 @@ def _run(argv):
     return main(get_args_parser().parse_args(argv), argv)
 
 
+def _shapes_argv(shapes: Path, out: Path, epochs: int, *extra: str) -> list[str]:
+    """Training on the tiny shapes splits; `extra` comes after TINY, so it can override it."""
+    return ["--data", str(shapes), "--out", str(out), "--epochs", str(epochs), *TINY, *extra]
+
+
 def test_training_writes_run_folder_and_resume_continues_the_step_count(shapes, tmp_path):
     out = tmp_path / "run"
-    argv = [
-        "--data",
-        str(shapes),
-        "--out",
-        str(out),
-        "--epochs",
-        "2",
-        "--references",
-        "first",
-        *TINY,
-    ]
+    argv = _shapes_argv(shapes, out, 2, "--references", "first")
     first = _run(argv)
     assert first["step"] == 4 and first["epoch"] == 2
     assert {p.name for p in out.iterdir()} >= {"args.json", "metrics.jsonl", "best", "last"}
@@ -87,8 +79,10 @@ def test_resume_matches_an_uninterrupted_run(shapes, tmp_path):
 
 
 def test_frozen_pretrained_encoder_uses_cached_features(shapes, tmp_path):
-    argv = ["--data", str(shapes), "--out", str(tmp_path / "r"), "--epochs", "1", *TINY]
-    argv += [
+    argv = _shapes_argv(
+        shapes,
+        tmp_path / "r",
+        1,
         "--encoder",
         "efficientnet_lite0",
         "--encoder-weights",
@@ -97,7 +91,7 @@ def test_frozen_pretrained_encoder_uses_cached_features(shapes, tmp_path):
         "64",
         "--grid-size",
         "2",
-    ]
+    )
     result = _run(argv)
     assert result["model"].encoder.frozen
     meta = Captioner.load(tmp_path / "r" / "best").metadata()
@@ -132,43 +126,8 @@ def test_two_cpu_processes_under_torchrun_end_identical_and_the_loss_falls(shape
         "save_file({k: v.contiguous() for k, v in result['model'].state_dict().items()}, "
         "os.path.join(os.environ['OUT_DIR'], f\"rank{os.environ['RANK']}.safetensors\"))\n"
     )
-    argv = [
-        "--data",
-        str(shapes),
-        "--out",
-        str(out),
-        "--epochs",
-        "4",
-        "--device",
-        "cpu",
-        "--lr",
-        "5e-3",
-        *TINY,
-    ]
-    env = {**os.environ, "OUT_DIR": str(tmp_path), "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",  # a free port of its own (--master_port=0 hangs the workers)
-        "--nproc_per_node=2",
-        str(script),
-        *argv,
-    ]
-    proc = subprocess.Popen(
-        cmd,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        start_new_session=True,
-    )
-    try:
-        output, _ = proc.communicate(timeout=120)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)  # the workers too: they hold the pipe open
-        output, _ = proc.communicate()
-    assert proc.returncode == 0, output[-3000:]
+    argv = _shapes_argv(shapes, out, 4, "--device", "cpu", "--lr", "5e-3")
+    run_torchrun(script, argv, tmp_path, timeout=120)
     a, b = (
         load_file(str(tmp_path / "rank0.safetensors")),
         load_file(str(tmp_path / "rank1.safetensors")),

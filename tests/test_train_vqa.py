@@ -1,7 +1,6 @@
 """train_vqa / evaluate_vqa end to end on a tiny shapes dataset: run folder, resume, DDP, metrics."""
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -11,6 +10,7 @@ import torch
 
 from captioner.shapes import generate_split
 from captioner.vqa import VQAModel
+from tests.conftest import run_torchrun
 from training import evaluate_vqa, train_vqa
 from training.make_shapes import write_split
 
@@ -137,10 +137,7 @@ def test_two_cpu_processes_under_torchrun_end_with_identical_weights(shapes, tmp
         "json.dump({'sha': result['weights_sha256'], 'step': result['step']}, open(path, 'w'))\n"
     )
     argv = ["--data", str(shapes), "--out", str(out), "--epochs", "2", "--stacked", *TINY]
-    env = {**os.environ, "OUT_DIR": str(tmp_path), "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
-    proc = subprocess.run([*cmd, str(script), *argv], env=env, capture_output=True, text=True, timeout=240)  # fmt: skip
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    run_torchrun(script, argv, tmp_path)
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert ranks[0] == ranks[1]
     assert ranks[0]["step"] == 4  # 24 images, 12 per rank, 8 per step: 2 steps per epoch
