@@ -17,6 +17,9 @@ from torch import nn
 RESNETS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
 VGGS = ("vgg16", "vgg19")
 ENCODERS = (*RESNETS, *VGGS, "efficientnet_lite0", "small_cnn")
+# Sanity caps: every request is resized to input_size^2 and attended over grid_size^2 cells, so a
+# config.json asking for more would cost memory per request that no weights file betrays.
+MAX_INPUT_SIZE, MAX_GRID_SIZE = 1024, 32
 
 
 @dataclass(frozen=True)
@@ -36,10 +39,10 @@ class EncoderConfig:
     def __post_init__(self) -> None:
         if self.name not in ENCODERS:
             raise ValueError(f"unknown encoder {self.name!r}; choose one of {', '.join(ENCODERS)}")
-        if self.input_size < 16:
-            raise ValueError(f"input_size must be >= 16, got {self.input_size}")
-        if self.grid_size < 0:
-            raise ValueError(f"grid_size must be >= 0, got {self.grid_size}")
+        if not 16 <= self.input_size <= MAX_INPUT_SIZE:
+            raise ValueError(f"input_size must be 16..{MAX_INPUT_SIZE}, got {self.input_size}")
+        if not 0 <= self.grid_size <= MAX_GRID_SIZE:
+            raise ValueError(f"grid_size must be 0..{MAX_GRID_SIZE}, got {self.grid_size}")
         if self.fine_tune_blocks < 0:
             raise ValueError(f"fine_tune_blocks must be >= 0, got {self.fine_tune_blocks}")
 

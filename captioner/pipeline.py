@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .checkpoint import check_state_dict, load_model_dir, save_model_dir
+from .checkpoint import ModelDirError, build_checked, load_model_dir, save_model_dir
 from .decoder import DecoderConfig
 from .encoder import EncoderConfig
 from .image import DEFAULT_MAX_PIXELS, load_image, preprocess_batch, to_rgb
@@ -86,20 +86,26 @@ class Captioner:
             encoder_config = EncoderConfig(**config["encoder"])
             decoder_config = DecoderConfig(**config["decoder"])
             vocab = Vocabulary.from_json(side["vocab.json"])
+            # Built only from model.safetensors: the encoder's `weights` path is ignored here.
+            model = build_checked(
+                lambda: CaptionModel(encoder_config, decoder_config, load_weights=False),
+                weights,
+                path,
+            )
+            return cls(
+                model,
+                vocab,
+                name=str(config.get("name", Path(path).name)),
+                version=str(config.get("version", "0")),
+                training=side.get("training.json"),
+                device=device,
+            )
+        except ModelDirError:
+            raise
         except (KeyError, TypeError, ValueError) as exc:
-            raise ValueError(
+            raise ModelDirError(
                 f"{path}: config.json or vocab.json does not describe a captioner: {exc}"
             ) from exc
-        model = CaptionModel(encoder_config, decoder_config, load_weights=False)
-        check_state_dict(model, weights, path)
-        return cls(
-            model,
-            vocab,
-            name=str(config.get("name", Path(path).name)),
-            version=str(config.get("version", "0")),
-            training=side.get("training.json"),
-            device=device,
-        )
 
     def config(self) -> dict[str, Any]:
         return {

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .checkpoint import check_state_dict, load_model_dir, save_model_dir
+from .checkpoint import ModelDirError, build_checked, load_model_dir, save_model_dir
 from .encoder import EncoderConfig
 from .feature_cache import FeatureCache, key_for
 from .image import DEFAULT_MAX_PIXELS, UnreadableImageError, load_image, preprocess_batch
@@ -117,25 +117,29 @@ class VQAModel:
             vqa_config = VQAConfig(**config["vqa"])
             vocab = Vocabulary.from_json(side[QUESTION_VOCAB])
             answers = side[ANSWERS]["answers"]
-            if not all(isinstance(a, str) for a in answers):
-                raise ValueError("answers must be strings")
+            if not isinstance(answers, list) or not all(isinstance(a, str) for a in answers):
+                raise ValueError("answers must be a list of strings")
+            # Built only from model.safetensors: the encoder's `weights` path is ignored here.
+            model = build_checked(
+                lambda: VQANet(encoder_config, vqa_config, load_weights=False), weights, path
+            )
+            return cls(
+                model,
+                vocab,
+                answers,
+                name=str(config.get("name", Path(path).name)),
+                version=str(config.get("version", "0")),
+                training=side.get("training.json"),
+                device=device,
+                cache_size=cache_size,
+            )
+        except ModelDirError:
+            raise
         except (KeyError, TypeError, ValueError) as exc:
-            raise ValueError(
+            raise ModelDirError(
                 f"{path}: config.json, {ANSWERS} or {QUESTION_VOCAB} do not describe a VQA "
                 f"model: {exc}"
             ) from exc
-        model = VQANet(encoder_config, vqa_config, load_weights=False)
-        check_state_dict(model, weights, path)
-        return cls(
-            model,
-            vocab,
-            answers,
-            name=str(config.get("name", Path(path).name)),
-            version=str(config.get("version", "0")),
-            training=side.get("training.json"),
-            device=device,
-            cache_size=cache_size,
-        )
 
     def config(self) -> dict[str, Any]:
         return {
