@@ -9,8 +9,9 @@ batch at a time, so the event loop never blocks on the model. A batch starts onc
 items wait or `max_delay_s` has passed since the oldest arrived, whichever is first; items arriving
 while a batch runs form the next one. `max_batch_size=1` turns batching off. The waiting line is
 bounded: `submit` raises `QueueFullError` (the API answers 503 + Retry-After) instead of queueing
-more than `max_queue` items. A caller that gives up (timeout, disconnect) cancels its future, and
-items no one waits for any more are dropped before they reach the model. When a batch raises, its
+more than `max_queue` items, and `check_room` raises it before a caller does any work. A caller
+that gives up (timeout, disconnect) cancels its future, and items no one waits for any more are
+dropped before they reach the model. When a batch raises, its
 items are retried one at a time, so one bad item fails only its own request.
 """
 
@@ -117,6 +118,17 @@ class MicroBatcher(Generic[Item, Result]):
         return sum(1 for p in self._queue if not p.future.done())
 
     # -- submitting ------------------------------------------------------------------------------
+    def check_room(self, count: int = 1) -> None:
+        """Raise `QueueFullError` unless `count` more items fit in the queue now. `submit_many`
+        checks again, but a caller can refuse early, before spending work on a request that
+        could not be queued (the API checks before decoding the upload)."""
+        if len(self._queue) + count > self.max_queue:
+            self._drop_abandoned()
+            if len(self._queue) + count > self.max_queue:
+                raise QueueFullError(
+                    f"{self.name} queue is full ({len(self._queue)} of {self.max_queue} waiting)"
+                )
+
     async def submit(self, item: Item) -> tuple[Result, int]:
         """Run `item` in some batch; returns its result and the size of the batch it ran in."""
         [outcome] = await self.submit_many([item])
@@ -126,12 +138,7 @@ class MicroBatcher(Generic[Item, Result]):
         """Queue all `items` at once (all or none), then wait for every result, in order."""
         if self._worker is None:
             raise BatcherClosedError(f"{self.name} is not running")
-        if len(self._queue) + len(items) > self.max_queue:
-            self._drop_abandoned()
-            if len(self._queue) + len(items) > self.max_queue:
-                raise QueueFullError(
-                    f"{self.name} queue is full ({len(self._queue)} of {self.max_queue} waiting)"
-                )
+        self.check_room(len(items))
         loop = asyncio.get_running_loop()
         now = loop.time()
         futures = []

@@ -38,9 +38,13 @@ def unavailable(name: str, status: str) -> HTTPException:
 
 
 def _service(request: Request, name: str):
+    """The loaded model's service; 503 + Retry-After when it is not loaded or its queue is full.
+    The queue is checked here, before the route decodes the upload, so that an overloaded
+    service refuses at once instead of spending a decode (and a worker thread) on each refusal."""
     service = request.app.state.services.get(name)
     if service is None:
         raise unavailable(name, request.app.state.model_status.get(name, "loading"))
+    service.batcher.check_room()  # QueueFullError: 503 + Retry-After (api/errors.py)
     return service
 
 

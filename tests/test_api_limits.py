@@ -5,6 +5,8 @@ from __future__ import annotations
 import base64
 import io
 import struct
+import threading
+import time
 import zlib
 
 import numpy as np
@@ -19,6 +21,7 @@ from tests.api_fixtures import (
     TestClient,
     assert_error,
     encode,
+    gate_captioner,
     noise_image,
     png,
     save_tiny_captioner,
@@ -231,6 +234,48 @@ def test_service_still_works_after_bad_input(client):
     for data, _ in BAD_IMAGES.values():
         caption(client, data)
     assert caption(client, png(2)).status_code == 200
+
+
+# -- a full queue ------------------------------------------------------------------------------
+
+
+def test_full_queue_refuses_before_decoding_the_upload(tmp_path):
+    """Refusing must cost less than serving, or overload feeds itself: with the queue full, a
+    request is answered 503 + Retry-After before its upload is decoded (an undecodable one here,
+    which would otherwise be a 415), and once the queue drains the service works again."""
+    folder = save_tiny_captioner(tmp_path / "cap")
+    app = create_app(
+        settings(caption_model=folder, max_batch_size=1, max_queue=1, max_batch_images=1)
+    )
+    not_an_image = b"not an image at all" * 10
+    with TestClient(app) as client:
+        gated = gate_captioner(client)
+        batcher = client.app.state.services["captioner"].batcher
+        responses = {}
+
+        def send(name: str, data: bytes) -> None:
+            responses[name] = caption(client, data)
+
+        threads = [threading.Thread(target=send, args=("running", png(1)))]
+        threads[0].start()
+        assert gated.entered.wait(10)  # the first request holds the model ...
+        threads.append(threading.Thread(target=send, args=("queued", png(2))))
+        threads[1].start()
+        deadline = time.monotonic() + 10
+        while batcher.depth < 1 and time.monotonic() < deadline:  # ... and the second waits
+            time.sleep(0.005)
+        assert batcher.depth == 1
+
+        refused = caption(client, not_an_image)
+        assert "queue is full" in assert_error(refused, 503)
+        assert int(refused.headers["Retry-After"]) > 0
+
+        gated.gate.set()
+        for t in threads:
+            t.join(20)
+        assert [responses[n].status_code for n in ("running", "queued")] == [200, 200]
+        assert_error(caption(client, not_an_image), 415)  # with room, the upload is decoded
+        assert caption(client, png(3)).status_code == 200
 
 
 # -- fuzzing: whatever the bytes, never a 500 -------------------------------------------------
