@@ -94,6 +94,7 @@ class ModelsResponse(_Strict):
 ERRORS: dict[int | str, dict[str, Any]] = {
     code: {"model": ErrorResponse, "description": text}
     for code, text in {
+        400: "a request body that is not valid multipart/form-data",
         401: "missing or wrong API key",
         413: "upload over the byte or pixel cap",
         415: "not a decodable image",

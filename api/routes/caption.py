@@ -67,7 +67,9 @@ async def caption_batch(
     request: Request,
     service: CaptionerDep,
     settings: SettingsDep,
-    image: Annotated[list[UploadFile], File(description="repeat the field once per image")],
+    image: Annotated[
+        list[UploadFile], File(min_length=1, description="repeat the field once per image")
+    ],
     beam_size: BeamSize = 3,
     max_length: MaxLength = 20,
     attention: AttentionQuery = AttentionFormat.grid,

@@ -17,7 +17,9 @@ from starlette.concurrency import run_in_threadpool
 
 from captioner.shapes import make_scene, render
 
-router = APIRouter(prefix="/samples", tags=["samples"])
+from ..schemas import ERRORS
+
+router = APIRouter(prefix="/samples", tags=["samples"], responses={422: ERRORS[422]})
 
 MAX_SEED = 2**31 - 1
 DEFAULT_SIZE = 128  # the demo models were trained on 128 x 128 scenes
