@@ -201,23 +201,27 @@ class MetricsLog:
                     self.tb.add_scalar(key, value, step)
             self.tb.flush()
 
-    def truncate_after(self, step: int) -> None:
-        """On resume, drop lines logged after the checkpoint we resume from."""
+    def truncate_after(self, step: int, epoch: int | None = None) -> None:
+        """On resume, drop lines logged after the checkpoint we resume from: a later step, a torn
+        line, or (given `epoch`, the epochs the checkpoint has finished) a later epoch at the same
+        step, which a kill between an epoch's line and that epoch's save leaves."""
         if not (self.enabled and self.path.exists()):
             return
-        kept = [
-            line
-            for line in self.path.read_text(encoding="utf-8").splitlines()
-            if line.strip() and _step_of(line) is not None and _step_of(line) <= step
-        ]
-        write_text_atomic(self.path, "".join(line + "\n" for line in kept))
+        kept = []
+        for line in self.path.read_text(encoding="utf-8").splitlines():
+            at = _position_of(line)
+            if at is not None and at[0] <= step and (epoch is None or at[1] <= epoch):
+                kept.append(line + "\n")
+        write_text_atomic(self.path, "".join(kept))
 
 
-def _step_of(line: str) -> int | None:
+def _position_of(line: str) -> tuple[int, int] | None:
+    """(step, epoch) of a metrics line; None for a torn last line from a crash."""
     try:
-        return int(json.loads(line)["step"])
-    except (ValueError, KeyError, TypeError):
-        return None  # a torn last line from a crash
+        record = json.loads(line)
+        return int(record["step"]), int(record.get("epoch", 0))
+    except (ValueError, KeyError, TypeError, AttributeError):
+        return None
 
 
 def write_text_atomic(path: Path, text: str) -> None:

@@ -6,6 +6,11 @@
 
 The run folder gets `args.json`, `metrics.jsonl` (one line per validation), and the model folders
 `best/` (highest validation metric) and `last/` (with optimizer state, for `--resume`).
+
+`--resume` continues from `last/` with the run's own arguments (`--epochs`, `--patience` and
+`--device` given again replace them; `--stop-after-steps` and `--max-minutes` apply to this
+invocation only). After a kill it picks up the last complete `last/` (saved every `--save-every`
+steps and at each epoch end); a run killed before its first save starts again from step 0.
 """
 
 from __future__ import annotations
@@ -21,7 +26,7 @@ from pathlib import Path
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
-from captioner.checkpoint import load_model_dir, load_tensors
+from captioner.checkpoint import load_model_dir, load_tensors, recover_model_dir
 from captioner.datasets import (
     CaptionSet,
     ImageTensors,
@@ -52,15 +57,10 @@ from training.common import (
     write_json_atomic,
 )
 
-RESUME_OVERRIDES = (
-    "resume",
-    "max_minutes",
-    "stop_after_steps",
-    "device",
-    "epochs",
-    "patience",
-    "no_progress",
-)
+# On --resume: these come from this command line; the rest from the run's args.json, except the
+# RESUME_OPTIONAL ones given again on this command line.
+RESUME_OVERRIDES = ("resume", "max_minutes", "stop_after_steps", "no_progress")
+RESUME_OPTIONAL = ("device", "epochs", "patience")
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -319,9 +319,18 @@ def main(args: argparse.Namespace, argv: list[str] | None = None) -> dict:
     """Train; returns the final `step`, `epoch`, last validation `metrics`, `best` value and `model`."""
     run = Path(args.out)
     if args.resume:
+        if not (run / "args.json").is_file():
+            raise ValueError(
+                f"--resume: {run / 'args.json'} not found; start {run} without --resume"
+            )
         saved = json.loads((run / "args.json").read_text())
+        given = argv if argv is not None else sys.argv[1:]
         for key in RESUME_OVERRIDES:
             saved[key] = getattr(args, key)
+        for key in RESUME_OPTIONAL:
+            flag = "--" + key.replace("_", "-")
+            if any(a == flag or a.startswith(flag + "=") for a in given):
+                saved[key] = getattr(args, key)
         args = argparse.Namespace(**{**vars(args), **saved})
     d = setup_distributed(args.device)
     try:
@@ -337,6 +346,19 @@ def _train(args, d: Dist, run: Path, argv: list[str] | None) -> dict:
     if len(train_set) == 0:
         raise ValueError("no training images found (check --train-captions / --train-images)")
     show = d.is_main and not args.no_progress
+    restart = False
+    if args.resume:
+        if d.is_main:  # a killed save leaves temporary siblings, or last/ moved aside
+            recover_model_dir(run / "last")
+            recover_model_dir(run / "best")
+        barrier(d)
+        if not (run / "last").exists():
+            if d.is_main:
+                print(
+                    f"train_captioner: {run / 'last'} not saved yet; starting at step 0",
+                    file=sys.stderr,
+                )
+            args.resume, restart = False, True
     if args.resume:
         vocab = Vocabulary.from_json(
             load_model_dir(run / "last", "captioner", ("vocab.json",))[2]["vocab.json"]
@@ -387,9 +409,17 @@ def _train(args, d: Dist, run: Path, argv: list[str] | None) -> dict:
         trainer = restore_last(run, model, optimizer, scheduler)
         step, epoch, skip = trainer["step"], trainer["epoch"], trainer["batch_in_epoch"]
         early = EarlyStopping(args.patience, trainer["early"]["best"], trainer["early"]["bad"])
-        log.truncate_after(step)
+        log.truncate_after(step, epoch)
+        if d.is_main:
+            print(
+                f"train_captioner: resuming from {run / 'last'} at step {step} "
+                f"(epoch {epoch + 1}, batch {skip})",
+                file=sys.stderr,
+            )
     elif d.is_main:
         run.mkdir(parents=True, exist_ok=True)
+        if restart:
+            log.truncate_after(0)  # lines the killed run logged before its first save
         write_json_atomic(run / "args.json", vars(args))
 
     command = "python -m training.train_captioner " + shlex.join(

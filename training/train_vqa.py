@@ -350,7 +350,7 @@ def _train(args, d: Dist, run: Path, argv: list[str] | None) -> dict:
         trainer = restore_last(run, model, optimizer, scheduler)
         step, epoch, skip = trainer["step"], trainer["epoch"], trainer["batch_in_epoch"]
         early = EarlyStopping(args.patience, trainer["early"]["best"], trainer["early"]["bad"])
-        log.truncate_after(step)
+        log.truncate_after(step, epoch)
     elif d.is_main:
         run.mkdir(parents=True, exist_ok=True)
         write_json_atomic(run / "args.json", vars(args))
