@@ -165,17 +165,24 @@ def load_model_dir(
     return config, _read_weights(path / WEIGHTS), side
 
 
-class _SkipInit(TorchFunctionMode):
-    """Turns weight initialisation into a no-op while the meta twin is built: a meta tensor holds
-    no values, so init changes no name, shape or dtype. Without this, `normal_` on a meta tensor
-    (nn.Embedding's default init, torchvision's kaiming_normal_) runs torch's Python reference,
-    whose `torch._disable_dynamo` wrapper imports torch._dynamo and sympy: ~890 modules and
-    ~180 MB of RSS in a process that loads the two demo models (torch 2.14)."""
+class _MetaTwin(TorchFunctionMode):
+    """Used with `torch.device("meta")` while the twin is built, so the build runs no meta op
+    written in Python: in torch 2.14 `normal_`, `arange` and even `t + 0.5` on a meta tensor run
+    torch._refs, whose `torch._disable_dynamo` wrapper imports torch._dynamo and sympy (~890
+    modules, ~180 MB of RSS once the two demo models are loaded). Weight init (nn.init, which
+    nn.Embedding and torchvision call, and `Tensor.normal_`) is skipped: it only writes values,
+    which a meta tensor does not hold. Ranges (`arange`, VQANet's cell grid) are built on CPU:
+    they hold no weights and are sized by the encoder grid, which EncoderConfig caps."""
+
+    _RANGES = frozenset({torch.arange, torch.linspace, torch.logspace})
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
         if getattr(func, "__module__", None) == "torch.nn.init" or func is torch.Tensor.normal_:
             return args[0] if args else kwargs["tensor"]
-        return func(*args, **(kwargs or {}))
+        if func in self._RANGES and kwargs.get("device") is None:
+            kwargs = {**kwargs, "device": "cpu"}
+        return func(*args, **kwargs)
 
 
 def build_checked(
@@ -186,9 +193,9 @@ def build_checked(
     The names, shapes and dtypes are first checked on a twin built on the meta device (no
     memory), so a config.json asking for huge layers is refused before anything is allocated:
     once they match, the model is no larger than the weights file. The twin skips weight init
-    (see `_SkipInit`).
+    and builds ranges on CPU (see `_MetaTwin`).
     """
-    with torch.device("meta"), _SkipInit():
+    with torch.device("meta"), _MetaTwin():
         probe = build()
     _check_tensors(probe.state_dict(), state_dict, where)
     model = build()

@@ -1,11 +1,14 @@
 import json
 import pickle
+import subprocess
+import sys
 
 import pytest
 import torch
 
 from captioner.checkpoint import ModelDirError, load_model_dir, load_tensors, save_model_dir
 from captioner.pipeline import Captioner
+from tests.api_fixtures import save_tiny_captioner, save_tiny_vqa
 
 
 def _images(n=3, seed=0):
@@ -118,3 +121,21 @@ def test_malformed_json_symlinks_wrong_kind_and_version_are_refused(tmp_path, ca
         Captioner.load(tmp_path / "m")
     with pytest.raises(ModelDirError, match="not found"):
         Captioner.load(tmp_path / "nope")
+
+
+def test_loading_does_not_import_torch_dynamo(tmp_path):
+    """The size check builds a twin on the meta device; torch's meta kernels written in Python
+    import torch._dynamo and sympy (~180 MB more RSS with the two demo models), so a fresh process
+    that loads a captioner and a VQA model must have neither."""
+    save_tiny_captioner(tmp_path / "cap")
+    save_tiny_vqa(tmp_path / "vqa")
+    code = (
+        "import sys\n"
+        "from captioner.pipeline import Captioner\n"
+        "from captioner.vqa import VQAModel\n"
+        f"Captioner.load({str(tmp_path / 'cap')!r})\n"
+        f"VQAModel.load({str(tmp_path / 'vqa')!r})\n"
+        "print(sorted(m for m in ('torch._dynamo', 'sympy') if m in sys.modules))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
