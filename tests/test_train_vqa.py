@@ -143,3 +143,19 @@ def test_two_cpu_processes_under_torchrun_end_with_identical_weights(shapes, tmp
     assert ranks[0]["step"] == 4  # 24 images, 12 per rank, 8 per step: 2 steps per epoch
     assert json.loads((out / "best" / "training.json").read_text())["world_size"] == 2
     assert torch.distributed.is_available()
+
+
+def test_init_encoder_copies_another_models_cnn_and_refuses_a_different_one(shapes, tmp_path):
+    first = tmp_path / "first"
+    _run(["--data", str(shapes), "--out", str(first), "--epochs", "1", *TINY])
+    source = VQAModel.load(first / "best").model.encoder.state_dict()
+    out = tmp_path / "second"
+    argv = ["--data", str(shapes), "--out", str(out), "--epochs", "1", *TINY]
+    _run([*argv, "--init-encoder", str(first / "best"), "--fine-tune-blocks", "0"])
+    trained = VQAModel.load(out / "best")
+    for name, tensor in trained.model.encoder.state_dict().items():  # frozen: still the source's
+        assert torch.equal(tensor, source[name]), name
+    assert trained.training["encoder_init"]["folder"] == str(first / "best")
+    wide = [*argv, "--encoder-width", "8", "--init-encoder", str(first / "best")]
+    with pytest.raises(ValueError, match="width 4"):
+        _run(wide)

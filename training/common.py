@@ -261,3 +261,34 @@ def progress(iterable: Iterable, total: int | None = None, desc: str = "", enabl
     return tqdm(
         iterable, total=total, desc=desc, disable=not enabled, dynamic_ncols=True, leave=False
     )
+
+
+# -- transfer ------------------------------------------------------------------------------------
+
+
+def load_encoder_from(encoder: torch.nn.Module, folder: str | Path) -> dict[str, Any]:
+    """Copy the CNN weights of another model folder (a captioner or a VQA model) into `encoder`.
+
+    The two encoders must be the same network (name and width); input size and grid pooling may
+    differ, since they change no weight. Returns a record of where the weights came from.
+    """
+    from captioner.checkpoint import ModelDirError, load_model_dir
+    from captioner.encoder import EncoderConfig
+
+    folder = Path(folder)
+    try:
+        kind = json.loads((folder / "config.json").read_text())["kind"]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise ModelDirError(
+            f"--init-encoder {folder}: no readable config.json kind: {exc}"
+        ) from exc
+    config, weights, _ = load_model_dir(folder, str(kind))
+    theirs, ours = EncoderConfig(**config["encoder"]), encoder.config
+    if (theirs.name, theirs.width) != (ours.name, ours.width):
+        raise ValueError(
+            f"--init-encoder {folder}: its encoder is {theirs.name} (width {theirs.width}), "
+            f"this model's is {ours.name} (width {ours.width})"
+        )
+    state = {k.removeprefix("encoder."): v for k, v in weights.items() if k.startswith("encoder.")}
+    encoder.load_state_dict(state, strict=True)
+    return {"folder": str(folder), "kind": kind, "name": config.get("name"), "tensors": len(state)}

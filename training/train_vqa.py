@@ -42,6 +42,7 @@ from training.common import (
     batches,
     cleanup_distributed,
     epoch_order,
+    load_encoder_from,
     load_optimizer_state,
     optimizer_state,
     progress,
@@ -91,6 +92,11 @@ def get_args_parser() -> argparse.ArgumentParser:
         help="trainable last CNN blocks (default: all for random init, 0 for pretrained)",
     )
     model.add_argument("--encoder-width", type=int, default=32, help="small_cnn width")
+    model.add_argument(
+        "--init-encoder",
+        default=None,
+        help="start the CNN from this model folder's encoder (e.g. a trained captioner's)",
+    )
     model.add_argument("--cell", choices=("lstm", "gru"), default="lstm")
     model.add_argument("--embed-dim", type=int, default=128)
     model.add_argument("--hidden-dim", type=int, default=256)
@@ -319,7 +325,11 @@ def _train(args, d: Dist, run: Path, argv: list[str] | None) -> dict:
     else:
         vocab = Vocabulary.build((i.question for i in train_split.items), args.min_count)
         answers = build_answer_vocab(train_split.items, args.answers)
-    model = build_model(args, vocab, answers).to(d.device)
+    model = build_model(args, vocab, answers)
+    encoder_source = None
+    if getattr(args, "init_encoder", None) and not args.resume:
+        encoder_source = load_encoder_from(model.encoder, args.init_encoder)
+    model = model.to(d.device)
     vqa = VQAModel(model, vocab, answers, args.name or run.name, args.version, device=d.device)
     model.train()
 
@@ -373,6 +383,7 @@ def _train(args, d: Dist, run: Path, argv: list[str] | None) -> dict:
             "skipped_missing_image": train_split.skipped_missing_image,
             "skipped_unreadable_image": len(train.unreadable),
         },
+        "encoder_init": encoder_source,
         "metrics": None,
         "world_size": d.world_size,
         "device": str(d.device),
