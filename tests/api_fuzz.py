@@ -2,9 +2,10 @@
 
 The OpenAPI document is read from an app without models (it does not depend on them) through
 schemathesis's ASGI loader; requests are sent to an app with real models (`case.call(app=...)`),
-whose lifespan schemathesis runs. In the fuzzing phase, generated file parts are mostly swapped
-for real images (`flatmap_body`), and `expected_status` gives the exact status of any request
-that fits the schema, so the success paths are checked as well as the error paths.
+whose lifespan schemathesis runs. In the fuzzing phase, the generated file parts of bodies that
+fit the schema are mostly swapped for real images (`before_generate_body`), and `expected_status`
+gives the exact status of any request that fits the schema, so the success paths are checked as
+well as the error paths.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from typing import Any
 
 import schemathesis
 from hypothesis import strategies as st
+from schemathesis.generation.value import GeneratedValue
 from schemathesis.specs.openapi.checks import ignored_auth, positive_data_acceptance
 
 from api.app import create_app
@@ -86,15 +88,22 @@ def _real_or(value: object) -> st.SearchStrategy:
     return st.one_of(real_images(), real_images(), st.just(value))
 
 
-def flatmap_body(context, body):
-    """Swap generated file contents for real images, about two times in three.
+def before_generate_body(context, strategy):
+    """Swap generated file contents for real images, mostly, in bodies that fit the schema.
 
-    Only a value that is already a valid file part (a string, or a list of them where the field
-    repeats) is swapped, for another valid one: a negative case stays negative and a positive one
-    positive, as schemathesis recorded them.
+    A negated body (schemathesis wraps it in `GeneratedValue`, with what it negated) is sent as
+    generated: schemathesis judges it by the body as sent, and a real image there (bytes, not text)
+    would hide that a negated field became valid on the wire. Any bytes fit a file field, so a
+    body that fits the schema still does after the swap.
     """
-    fields = FILE_FIELDS.get(context.operation.label, {})
-    if not isinstance(body, dict) or not fields:
+    fields = FILE_FIELDS.get(context.operation.label)
+    if not fields:
+        return strategy
+    return strategy.flatmap(lambda body: _with_real_images(fields, body))
+
+
+def _with_real_images(fields: dict[str, bool], body: object) -> st.SearchStrategy:
+    if isinstance(body, GeneratedValue) or not isinstance(body, dict):
         return st.just(body)
     swaps = {}
     for name, repeated in fields.items():
@@ -113,7 +122,11 @@ def load_schema(max_examples: int, **generation: Any):
     schema.config.generation.update(
         max_examples=max_examples, deterministic=True, database="none", **generation
     )
-    schema.hook(flatmap_body)
+    # A request too large to take is rejected with 413 (the DESIGN's status for it), whatever else
+    # is wrong with it: e.g. a negated batch whose `null` items are sent as that many files.
+    rejection = schema.config.checks.negative_data_rejection
+    rejection.expected_statuses = [*rejection.expected_statuses, "413"]
+    schema.hook(before_generate_body)
     return schema
 
 
