@@ -159,3 +159,20 @@ def test_init_encoder_copies_another_models_cnn_and_refuses_a_different_one(shap
     wide = [*argv, "--encoder-width", "8", "--init-encoder", str(first / "best")]
     with pytest.raises(ValueError, match="width 4"):
         _run(wide)
+
+
+def test_resume_before_the_first_save_starts_again_and_without_args_is_refused(shapes, tmp_path):
+    with pytest.raises(ValueError, match="args.json not found"):
+        _run(["--out", str(tmp_path / "never"), "--resume"])
+    out = tmp_path / "killed"
+    argv = ["--data", str(shapes), "--out", str(out), "--epochs", "1", *TINY]
+    straight = _run([*argv[:3], str(tmp_path / "straight"), *argv[4:]])
+    # What a kill before the first save leaves: args.json, a metrics line, no last/.
+    out.mkdir()
+    (out / "args.json").write_text(json.dumps(vars(train_vqa.get_args_parser().parse_args(argv))))
+    (out / "metrics.jsonl").write_text('{"step": 99, "epoch": 1}\n')
+    resumed = _run(["--out", str(out), "--resume"])
+    assert resumed["step"] == straight["step"] and resumed["epoch"] == 1
+    assert resumed["weights_sha256"] == straight["weights_sha256"]
+    lines = (out / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["step"] for line in lines] == [3]

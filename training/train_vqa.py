@@ -27,7 +27,13 @@ from pathlib import Path
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
-from captioner.checkpoint import check_state_dict, load_model_dir, load_tensors, save_model_dir
+from captioner.checkpoint import (
+    check_state_dict,
+    load_model_dir,
+    load_tensors,
+    recover_model_dir,
+    save_model_dir,
+)
 from captioner.encoder import EncoderConfig
 from captioner.vocab import Vocabulary
 from captioner.vqa import ANSWERS, QUESTION_VOCAB, VQAModel, encode_questions
@@ -291,6 +297,10 @@ def main(args: argparse.Namespace, argv: list[str] | None = None) -> dict:
     """Train; returns {"step", "epoch", "metrics", "best", "weights_sha256", "model"} on every rank."""
     run = Path(args.out)
     if args.resume:
+        if not (run / "args.json").is_file():
+            raise ValueError(
+                f"--resume: {run / 'args.json'} not found; start {run} without --resume"
+            )
         saved = json.loads((run / "args.json").read_text())
         given = argv if argv is not None else sys.argv[1:]
         for key in RESUME_OVERRIDES:  # the run's own values, unless given again on this command
@@ -318,6 +328,18 @@ def _train(args, d: Dist, run: Path, argv: list[str] | None) -> dict:
     train_split = load_split(root, args.train_split)
     if not train_split.items:
         raise ValueError(f"no training questions with images in {root / args.train_split}")
+    restart = False
+    if args.resume:
+        if d.is_main:  # a killed save leaves temporary siblings, or last/ moved aside
+            recover_model_dir(run / "last")
+            recover_model_dir(run / "best")
+        barrier(d)
+        if not (run / "last").exists():
+            if d.is_main:
+                print(
+                    f"train_vqa: {run / 'last'} not saved yet; starting at step 0", file=sys.stderr
+                )
+            args.resume, restart = False, True
     if args.resume:
         side = load_model_dir(run / "last", "vqa", (ANSWERS, QUESTION_VOCAB))[2]
         vocab = Vocabulary.from_json(side[QUESTION_VOCAB])
@@ -363,6 +385,8 @@ def _train(args, d: Dist, run: Path, argv: list[str] | None) -> dict:
         log.truncate_after(step, epoch)
     elif d.is_main:
         run.mkdir(parents=True, exist_ok=True)
+        if restart:
+            log.truncate_after(0)  # lines the killed run logged before its first save
         write_json_atomic(run / "args.json", vars(args))
 
     command = "python -m training.train_vqa " + shlex.join(
