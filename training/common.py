@@ -10,6 +10,7 @@ import json
 import math
 import os
 import random
+import sys
 import tempfile
 from collections.abc import Iterable, Iterator
 from contextlib import nullcontext
@@ -261,6 +262,26 @@ def progress(iterable: Iterable, total: int | None = None, desc: str = "", enabl
     return tqdm(
         iterable, total=total, desc=desc, disable=not enabled, dynamic_ncols=True, leave=False
     )
+
+
+# -- resume ------------------------------------------------------------------------------------
+
+
+def recover_for_resume(run: Path, d: Dist, script: str) -> bool:
+    """Before `--resume`: put back what a killed save left (temporary siblings, `last/` moved
+    aside); True when `run/last` exists to resume from, False (said on stderr) when the killed run
+    never saved, so it starts again at step 0."""
+    from captioner.checkpoint import recover_model_dir
+
+    if d.is_main:
+        recover_model_dir(run / "last")
+        recover_model_dir(run / "best")
+    barrier(d)
+    if (run / "last").exists():
+        return True
+    if d.is_main:
+        print(f"{script}: {run / 'last'} not saved yet; starting at step 0", file=sys.stderr)
+    return False
 
 
 # -- transfer ------------------------------------------------------------------------------------

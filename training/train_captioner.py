@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
-from captioner.checkpoint import load_model_dir, load_tensors, recover_model_dir
+from captioner.checkpoint import load_model_dir, load_tensors
 from captioner.datasets import (
     CaptionSet,
     ImageTensors,
@@ -51,6 +51,7 @@ from training.common import (
     load_optimizer_state,
     optimizer_state,
     progress,
+    recover_for_resume,
     seed_everything,
     setup_distributed,
     warmup_cosine,
@@ -347,18 +348,8 @@ def _train(args, d: Dist, run: Path, argv: list[str] | None) -> dict:
         raise ValueError("no training images found (check --train-captions / --train-images)")
     show = d.is_main and not args.no_progress
     restart = False
-    if args.resume:
-        if d.is_main:  # a killed save leaves temporary siblings, or last/ moved aside
-            recover_model_dir(run / "last")
-            recover_model_dir(run / "best")
-        barrier(d)
-        if not (run / "last").exists():
-            if d.is_main:
-                print(
-                    f"train_captioner: {run / 'last'} not saved yet; starting at step 0",
-                    file=sys.stderr,
-                )
-            args.resume, restart = False, True
+    if args.resume and not recover_for_resume(run, d, "train_captioner"):
+        args.resume, restart = False, True
     if args.resume:
         vocab = Vocabulary.from_json(
             load_model_dir(run / "last", "captioner", ("vocab.json",))[2]["vocab.json"]

@@ -31,7 +31,6 @@ from captioner.checkpoint import (
     check_state_dict,
     load_model_dir,
     load_tensors,
-    recover_model_dir,
     save_model_dir,
 )
 from captioner.encoder import EncoderConfig
@@ -52,6 +51,7 @@ from training.common import (
     load_optimizer_state,
     optimizer_state,
     progress,
+    recover_for_resume,
     seed_everything,
     setup_distributed,
     warmup_cosine,
@@ -329,17 +329,8 @@ def _train(args, d: Dist, run: Path, argv: list[str] | None) -> dict:
     if not train_split.items:
         raise ValueError(f"no training questions with images in {root / args.train_split}")
     restart = False
-    if args.resume:
-        if d.is_main:  # a killed save leaves temporary siblings, or last/ moved aside
-            recover_model_dir(run / "last")
-            recover_model_dir(run / "best")
-        barrier(d)
-        if not (run / "last").exists():
-            if d.is_main:
-                print(
-                    f"train_vqa: {run / 'last'} not saved yet; starting at step 0", file=sys.stderr
-                )
-            args.resume, restart = False, True
+    if args.resume and not recover_for_resume(run, d, "train_vqa"):
+        args.resume, restart = False, True
     if args.resume:
         side = load_model_dir(run / "last", "vqa", (ANSWERS, QUESTION_VOCAB))[2]
         vocab = Vocabulary.from_json(side[QUESTION_VOCAB])
