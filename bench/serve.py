@@ -24,7 +24,6 @@ import asyncio
 import io
 import json
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -35,6 +34,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 import torch
+from procs import cpu_seconds, free_port, proc_mib, stop_server
 
 from captioner.encoder import EncoderConfig
 from captioner.model import CaptionModel
@@ -104,19 +104,6 @@ def jpegs(kind: str, n: int = 64) -> list[bytes]:
 # -- the server -------------------------------------------------------------------------------------
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def peak_rss_mb(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024.0  # kB
-    return float("nan")
-
-
 def start_server(
     model: Path, batch_size: int, clients: int, log: Path
 ) -> tuple[subprocess.Popen, str]:
@@ -145,15 +132,6 @@ def start_server(
         time.sleep(0.25)
     proc.kill()
     raise RuntimeError(f"the server was not ready within 120 s:\n{log.read_text()[-2000:]}")
-
-
-def stop_server(proc: subprocess.Popen) -> None:
-    proc.terminate()  # SIGTERM: uvicorn shuts down gracefully
-    try:
-        proc.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
 
 
 # -- the clients ------------------------------------------------------------------------------------
@@ -212,12 +190,6 @@ def batch_counts(url: str) -> tuple[float, float]:
     return values["sum"], values["count"]
 
 
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU time of a process so far (/proc/<pid>/stat, fields 14 and 15)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
 @dataclass
 class Mode:
     name: str
@@ -249,7 +221,7 @@ class Mode:
             "p50_ms": round(float(np.percentile(ms, 50)), 1),
             "p95_ms": round(float(np.percentile(ms, 95)), 1),
             "p99_ms": round(float(np.percentile(ms, 99)), 1),
-            "peak_rss_mb": round(peak_rss_mb(self.proc.pid), 1),
+            "peak_rss_mb": round(proc_mib(self.proc.pid, "VmHWM"), 1),
             "requests": done,
             "errors": load.errors,
             "mean_batch": round(self.images / self.batches, 2) if self.batches else float("nan"),

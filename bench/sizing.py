@@ -16,14 +16,13 @@ import argparse
 import io
 import json
 import os
-import socket
 import statistics
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import httpx
+from procs import free_port, proc_mib
 
 from captioner.paths import MODELS_DIR
 from captioner.shapes import make_scene, render
@@ -42,20 +41,6 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--requests", type=int, default=60, help="measured requests per model")
     p.add_argument("--warmup", type=int, default=5, help="unmeasured requests first")
     return p
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def proc_mib(pid: int, key: str) -> float:
-    """A /proc/<pid>/status field given in kB (VmRSS, VmHWM), in MiB."""
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith(key + ":"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
 
 
 def scenes(n: int, first_seed: int = 1000) -> list[bytes]:

@@ -44,7 +44,6 @@ import io
 import json
 import os
 import re
-import socket
 import subprocess
 import sys
 import tempfile
@@ -56,6 +55,7 @@ from pathlib import Path
 
 import httpx
 import numpy as np
+from procs import cpu_seconds, free_port, proc_mib, stop_server
 
 from captioner.paths import DEFAULT_CAPTION_MODEL, DEFAULT_VQA_MODEL
 from captioner.shapes import generate_split, render
@@ -127,26 +127,6 @@ def request_args(samples: list[Sample], client: int, n: int) -> tuple[str, dict,
 # -- the server -------------------------------------------------------------------------------------
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def proc_status_kb(pid: int, key: str) -> int:
-    """A `kB` field of /proc/<pid>/status (VmRSS: resident now, VmHWM: peak resident)."""
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith(key + ":"):
-            return int(line.split()[1])
-    raise KeyError(f"{key} not in /proc/{pid}/status")
-
-
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU time of a process so far (/proc/<pid>/stat, fields 14 and 15)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
 def start_server(args: argparse.Namespace, log: Path) -> tuple[subprocess.Popen, str]:
     port = free_port()
     env = dict(os.environ)
@@ -179,15 +159,6 @@ def start_server(args: argparse.Namespace, log: Path) -> tuple[subprocess.Popen,
         time.sleep(0.25)
     stop_server(proc)
     raise RuntimeError(f"the server was not ready within 120 s:\n{log.read_text()[-2000:]}")
-
-
-def stop_server(proc: subprocess.Popen) -> None:
-    proc.terminate()  # SIGTERM: uvicorn shuts down gracefully
-    try:
-        proc.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
 
 
 def read_log(log: Path) -> tuple[list[str], list[dict]]:
@@ -401,7 +372,7 @@ def check_health(url: str, sample: Sample) -> dict:
 def idle_rss_mb(pid: int, settle: float = 1.0) -> float:
     """VmRSS with no request in flight, after `settle` seconds for the last answers to finish."""
     time.sleep(settle)
-    return round(proc_status_kb(pid, "VmRSS") / 1024.0, 1)
+    return round(proc_mib(pid, "VmRSS"), 1)
 
 
 def check_args(args: argparse.Namespace) -> None:
@@ -489,7 +460,7 @@ def main(args: argparse.Namespace) -> dict:
             )
             health = check_health(url, images[0])
             rss["end"] = idle_rss_mb(pid)
-            rss["peak"] = round(proc_status_kb(pid, "VmHWM") / 1024.0, 1)
+            rss["peak"] = round(proc_mib(pid, "VmHWM"), 1)
             alive = proc.poll() is None
         finally:
             stop_server(proc)
