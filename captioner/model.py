@@ -57,10 +57,19 @@ class CaptionModel(nn.Module):
         )
 
     def forward(
-        self, images_or_features: torch.Tensor, captions: torch.Tensor, sample_prob: float = 0.0
+        self,
+        images_or_features: torch.Tensor,
+        captions: torch.Tensor,
+        sample_prob: float = 0.0,
+        image_index: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Teacher-forced `(logits (B, T-1, V), loss)`; decoding lives in `captioner.search`.
 
-        `sample_prob` > 0 turns on scheduled sampling (see `CaptionDecoder.forward`)."""
-        logits, loss, _ = self.decoder(self.features(images_or_features), captions, sample_prob)
+        Caption b is about image `image_index[b]` (default: one caption per image), so an image
+        with several captions in the batch is encoded once. `sample_prob` > 0 turns on scheduled
+        sampling (see `CaptionDecoder.forward`)."""
+        features = self.features(images_or_features)
+        if image_index is not None:
+            features = features[image_index]
+        logits, loss, _ = self.decoder(features, captions, sample_prob)
         return logits, loss

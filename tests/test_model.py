@@ -32,3 +32,21 @@ def test_tiny_model_overfits_two_captions_and_decodes_them_exactly():
     ):
         assert [vocab.decode(h.tokens) for h in hyps] == captions
         assert all(h.finished for h in hyps)
+
+
+def test_image_index_encodes_each_image_once_and_matches_repeating_the_images():
+    vocab = Vocabulary.build(["a red circle", "two blue squares", "a green cross"])
+    caps = torch.tensor(
+        [
+            vocab.encode(c) + [vocab.pad_id] * (6 - len(vocab.encode(c)))
+            for c in ["a red circle", "two blue squares", "a green cross", "a red circle"]
+        ]
+    )
+    torch.manual_seed(1)
+    images = torch.randn(2, 3, 32, 32)
+    model = tiny_model(len(vocab)).eval()  # eval: BatchNorm statistics do not see the batch
+    index = torch.tensor([0, 1, 1, 0])
+    logits, loss = model(images, caps, image_index=index)
+    repeated_logits, repeated_loss = model(images[index], caps)
+    torch.testing.assert_close(logits, repeated_logits)
+    torch.testing.assert_close(loss, repeated_loss)

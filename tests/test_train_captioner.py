@@ -78,6 +78,32 @@ def test_resume_matches_an_uninterrupted_run(shapes, tmp_path):
         torch.testing.assert_close(resumed["model"].state_dict()[key], value, msg=key)
 
 
+def test_grouped_batches_resume_as_an_uninterrupted_run_and_encode_each_image_once(
+    shapes, tmp_path, monkeypatch
+):
+    common = ["--data", str(shapes), *TINY, "--group-by-image", "--batch-size", "10"]
+    encoded: list[int] = []
+    from captioner.encoder import Encoder
+
+    forward = Encoder.forward
+    monkeypatch.setattr(
+        Encoder, "forward", lambda self, x: (encoded.append(len(x)), forward(self, x))[1]
+    )
+    straight = _run([*common, "--out", str(tmp_path / "a"), "--epochs", "2"])
+    # 24 images x 5 references in batches of 10 captions: 12 steps per epoch, and each batch
+    # holds the references of 2 or 3 images, not 10 images (validation batches aside).
+    assert straight["step"] == 24
+    assert max(encoded[:12]) <= 3
+    stopped = _run(
+        [*common, "--out", str(tmp_path / "b"), "--epochs", "2", "--stop-after-steps", "17"]
+    )
+    assert stopped["step"] == 17
+    resumed = _run(["--out", str(tmp_path / "b"), "--resume", "--epochs", "2"])
+    assert resumed["step"] == straight["step"]
+    for key, value in straight["model"].state_dict().items():
+        torch.testing.assert_close(resumed["model"].state_dict()[key], value, msg=key)
+
+
 def test_frozen_pretrained_encoder_uses_cached_features(shapes, tmp_path):
     argv = _shapes_argv(
         shapes,

@@ -107,6 +107,21 @@ def epoch_order(n: int, seed: int, epoch: int, d: Dist) -> list[int]:
     return order[d.rank :: d.world_size]
 
 
+def grouped_epoch_order(groups: list[list[int]], seed: int, epoch: int, d: Dist) -> list[int]:
+    """As `epoch_order`, but the groups (e.g. one image's captions) are shuffled whole and keep
+    their samples together, so a batch holds few distinct images, each encoded once.
+
+    Rank r takes the r-th contiguous slice of that order (the tail padded by wrapping, as in
+    `epoch_order`), so every rank gets as many samples as `epoch_order` gives it and at most
+    one group per rank boundary is split.
+    """
+    g = torch.Generator().manual_seed(seed * 1000 + epoch)
+    order = [k for gi in torch.randperm(len(groups), generator=g).tolist() for k in groups[gi]]
+    per_rank = math.ceil(len(order) / d.world_size)
+    order += order[: per_rank * d.world_size - len(order)]
+    return order[d.rank * per_rank : (d.rank + 1) * per_rank]
+
+
 def batches(order: list[int], batch_size: int, skip: int = 0) -> Iterator[list[int]]:
     for start in range(skip * batch_size, len(order), batch_size):
         yield order[start : start + batch_size]

@@ -48,6 +48,7 @@ from training.common import (
     batches,
     cleanup_distributed,
     epoch_order,
+    grouped_epoch_order,
     load_optimizer_state,
     optimizer_state,
     progress,
@@ -86,6 +87,12 @@ def get_args_parser() -> argparse.ArgumentParser:
         choices=("all", "first"),
         default="all",
         help="train on every reference or the first",
+    )
+    data.add_argument(
+        "--group-by-image",
+        action="store_true",
+        help="keep each image's references together in the batches, so the encoder runs once "
+        "per image instead of once per caption (a batch then holds ~batch-size/5 images)",
     )
     data.add_argument(
         "--val-limit", type=int, default=0, help="validate on at most this many images"
@@ -151,6 +158,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     )
     run.add_argument("--seed", type=int, default=0)
     run.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    run.add_argument(
+        "--threads", type=int, default=0, help="torch CPU threads (0: torch's default)"
+    )
     run.add_argument("--early-stop-metric", default="CIDEr", help="CIDEr, Bleu_4 or scene_accuracy")
     run.add_argument(
         "--patience",
@@ -333,6 +343,8 @@ def main(args: argparse.Namespace, argv: list[str] | None = None) -> dict:
             if any(a == flag or a.startswith(flag + "=") for a in given):
                 saved[key] = getattr(args, key)
         args = argparse.Namespace(**{**vars(args), **saved})
+    if args.threads:
+        torch.set_num_threads(args.threads)
     d = setup_distributed(args.device)
     try:
         return _train(args, d, run, argv)
@@ -372,6 +384,9 @@ def _train(args, d: Dist, run: Path, argv: list[str] | None) -> dict:
         for j in range(1 if args.references == "first" else len(r.captions))
     ]
     texts = [train_set.records[i].captions[j] for i, j in pairs]
+    groups: list[list[int]] = [[] for _ in train_set.records]  # each image's pair indices
+    for k, (i, _) in enumerate(pairs):
+        groups[i].append(k)
     caption_ids = encode_captions(texts, vocab, args.max_caption_tokens)
     val_images = None
     if val_set is not None and d.is_main:
@@ -438,7 +453,11 @@ def _train(args, d: Dist, run: Path, argv: list[str] | None) -> dict:
     last_metrics: dict = {}
     stop, loss = False, None
     while epoch < args.epochs and not stop:
-        order = epoch_order(len(pairs), args.seed, epoch, d)
+        order = (
+            grouped_epoch_order(groups, args.seed, epoch, d)
+            if args.group_by_image
+            else epoch_order(len(pairs), args.seed, epoch, d)
+        )
         bar = progress(
             batches(order, args.batch_size, skip),
             total=steps_per_epoch - skip,
@@ -447,17 +466,20 @@ def _train(args, d: Dist, run: Path, argv: list[str] | None) -> dict:
         )
         seen, t0 = 0, time.monotonic()
         for batch_in_epoch, idx in enumerate(bar, start=skip):
-            image_idx = [pairs[k][0] for k in idx]
+            # Each distinct image in the batch goes through the encoder once.
+            images, image_index = torch.unique(
+                torch.tensor([pairs[k][0] for k in idx]), return_inverse=True
+            )
             caps = caption_ids[idx]
             caps = caps[:, : int((caps != vocab.pad_id).sum(1).max())].to(d.device)
             inputs = (
-                features[image_idx].to(d.device)
+                features[images].to(d.device)
                 if features is not None
-                else train_images.batch(image_idx, d.device)
+                else train_images.batch(images.tolist(), d.device)
             )
             sample_prob = args.scheduled_sampling * min(1.0, step / max(1, total_steps))
             with autocast(d.device, args.amp):
-                _, loss = net(inputs, caps, sample_prob)
+                _, loss = net(inputs, caps, sample_prob, image_index.to(d.device))
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if args.clip > 0:
