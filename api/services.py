@@ -131,7 +131,7 @@ class VQAService:
 
     def run_batch(self, jobs: list[VQAJob]) -> list[Any]:
         with torch.inference_mode():
-            features = self._features(jobs)  # (B, L, D)
+            features = self._features(jobs)  # (B, L, M): image memory, see VQAModel.encode
             results: list[Any] = [None] * len(jobs)
             for top_k, rows in _groups([job.top_k for job in jobs]).items():
                 index = torch.tensor(rows, device=features.device)
@@ -157,7 +157,7 @@ class VQAService:
         self.metrics.cache_hits.labels(self.name).inc(len(found))
         self.metrics.cache_misses.labels(self.name).inc(len(todo))
         if todo:
-            encoded = self.model.encode(torch.stack(list(todo.values())))  # (M, L, D)
+            encoded = self.model.encode(torch.stack(list(todo.values())))  # (N, L, M)
             for key, feats in zip(todo, encoded, strict=True):
                 found[key] = feats.clone()  # a copy, so the cache does not pin the whole batch
                 if self.cache is not None:

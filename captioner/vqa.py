@@ -194,14 +194,16 @@ class VQAModel:
 
     @torch.inference_mode()
     def encode(self, batch: torch.Tensor) -> torch.Tensor:
-        """Preprocessed images (B, 3, S, S) -> grid features (B, L, D) on this model's device."""
-        return self.model.encoder(batch.to(self.device))[0]
+        """Preprocessed images (B, 3, S, S) -> image memory (B, L, M) on this model's device: the
+        encoder's grid as the head reads it, attention projection included (`VQANet.prepare`),
+        so a cached image costs only the question."""
+        return self.model.prepare(self.model.encoder(batch.to(self.device))[0])
 
     @torch.inference_mode()
     def answer_features(
         self, features: torch.Tensor, questions: Sequence[str], top_k: int = 3
     ) -> list[AnswerResult]:
-        """One question per row of `features` (B, L, D); results in order."""
+        """One question per row of `features` (B, L, M) from `encode`; results in order."""
         if len(questions) != len(features):
             raise ValueError(f"got {len(questions)} questions for {len(features)} images")
         if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
@@ -209,7 +211,7 @@ class VQAModel:
         if len(questions) == 0:
             return []
         ids = encode_questions(questions, self.question_vocab).to(self.device)
-        logits, alpha = self.model.head(features.to(self.device), ids)
+        logits, alpha = self.model.head_prepared(features.to(self.device), ids)
         probs = torch.softmax(logits.float(), dim=1).cpu()
         top_p, top_i = probs.topk(min(top_k, len(self.answers)), dim=1)
         h, w = self.grid_hw
@@ -249,7 +251,8 @@ class VQAModel:
     def features_for(
         self, images: Sequence[ImageInput], max_pixels: int = DEFAULT_MAX_PIXELS
     ) -> torch.Tensor:
-        """Grid features (B, L, D) for `images`, encoding only those not in the cache."""
+        """Image memory (B, L, M) for `images` (see `encode`), encoding only those not in the
+        cache."""
         keys: list[str | None] = []
         found: dict[str, torch.Tensor] = {}
         to_encode: dict[str | int, Image.Image] = {}  # key, or position for uncached PIL images

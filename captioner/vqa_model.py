@@ -89,9 +89,12 @@ class QuestionEncoder(nn.Module):
             raise ValueError("every question needs at least one word")
         # Questions repeat a lot (templates, several images asked the same thing): run the RNN,
         # the costliest part of a training step on a CPU, once per distinct question.
-        unique, inverse = torch.unique(questions, dim=0, return_inverse=True)
-        states, _ = self.rnn(self.dropout(torch.tanh(self.embedding(unique))))  # (U, T, H)
-        states = states[inverse]  # (Q, T, H)
+        if len(questions) > 1:
+            unique, inverse = torch.unique(questions, dim=0, return_inverse=True)
+            states, _ = self.rnn(self.dropout(torch.tanh(self.embedding(unique))))  # (U, T, H)
+            states = states[inverse]  # (Q, T, H)
+        else:
+            states, _ = self.rnn(self.dropout(torch.tanh(self.embedding(questions))))  # (1, T, H)
         last = states[torch.arange(len(questions), device=states.device), lengths - 1]  # (Q, H)
         return last, states, mask
 
@@ -248,6 +251,22 @@ class VQANet(nn.Module):
             f"expected images (B, 3, H, W) or features (B, L, D), got {tuple(images_or_features.shape)}"
         )
 
+    def prepare(self, features: torch.Tensor) -> torch.Tensor:
+        """Encoder grids (B, L, D) -> what every question about those images reads (B, L, M):
+        the cells as attention sees them (L2-normalised, positions added, coordinates appended)
+        and, with attention, their projection for the glimpses, side by side. Computed once per
+        image: the VQA feature cache holds this, so a cached image costs only the question."""
+        c = self.config
+        v = F.normalize(features, dim=2) if c.normalize else features  # (B, L, D)
+        if self.position is not None:
+            v = v + self.position
+        if c.coords:
+            xy = self.cell_xy.to(v.dtype).expand(len(v), -1, -1)
+            v = torch.cat([v, xy], dim=2)  # (B, L, D+2)
+        if self.attend is None:
+            return v
+        return torch.cat([v, self.attend.feature_proj(v)], dim=2)  # (B, L, D(+2) + A)
+
     def head(
         self,
         features: torch.Tensor,
@@ -259,29 +278,35 @@ class VQANet(nn.Module):
         Question q is about image `image_index[q]` (default: one question per image), so several
         questions share one image's encoding and its attention projection.
         """
+        return self.head_prepared(self.prepare(features), questions, image_index)
+
+    def head_prepared(
+        self,
+        memory: torch.Tensor,
+        questions: torch.Tensor,
+        image_index: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """As `head`, from `prepare(features)` (B, L, M)."""
         c = self.config
-        if image_index is None:
-            if len(questions) != len(features):
-                raise ValueError(
-                    f"{len(questions)} questions for {len(features)} images; pass image_index"
-                )
-            image_index = torch.arange(len(features), device=features.device)
-        v = F.normalize(features, dim=2) if c.normalize else features  # (B, L, D)
-        if self.position is not None:
-            v = v + self.position
-        if self.config.coords:
-            v = torch.cat(
-                [v, self.cell_xy.to(v.dtype).expand(len(v), -1, -1)], dim=2
-            )  # (B, L, D+2)
+        width = c.cell_dim + (c.attention_dim if c.attention else 0)
+        if memory.dim() != 3 or memory.shape[2] != width:
+            raise ValueError(
+                f"expected prepared image memory (B, L, {width}), got {tuple(memory.shape)}"
+            )
+        if image_index is None and len(questions) != len(memory):
+            raise ValueError(
+                f"{len(questions)} questions for {len(memory)} images; pass image_index"
+            )
         question = self.question(questions)
         q = question[0]  # (Q, H)
+        if image_index is not None:
+            memory = memory[image_index]  # (Q, L, M)
+        v = memory[..., : c.cell_dim]
         if self.attend is None:
-            image = v.mean(dim=1)[image_index]  # (Q, D)
-            alpha = None
+            image, alpha = v.mean(dim=1), None  # (Q, D)
         else:
-            projected = self.attend.feature_proj(v)[image_index]  # (Q, L, A)
             glimpses, alpha, logits = self.attend(
-                v[image_index], projected, question, self.cell_xy.to(v.dtype)
+                v, memory[..., c.cell_dim :], question, self.cell_xy.to(v.dtype)
             )  # (Q, G, D|L)
             image = glimpses.flatten(1)  # (Q, G*D)
             if c.count:

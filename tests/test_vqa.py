@@ -176,7 +176,7 @@ def test_metadata_describes_the_model():
 def test_preprocess_and_encode_match_answer(images):
     vqa = make_model()
     feats = vqa.encode(vqa.preprocess(images[:2]))
-    assert feats.shape == (2, 16, 16)
+    assert feats.shape == (2, 16, 16 + 10)  # grid features and their attention projection
     direct = vqa.answer_features(feats, QUESTIONS[:2], top_k=2)
     through = vqa.answer(images[:2], QUESTIONS[:2], top_k=2)
     assert [r.top_answers for r in direct] == [r.top_answers for r in through]

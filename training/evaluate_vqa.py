@@ -84,12 +84,12 @@ def predict(
     rows = [r for r in range(data.num_images) if data.by_image[r]]
     steps = (len(rows) + batch_size - 1) // batch_size
     for image_rows in progress(batches(rows, batch_size), steps, "evaluate", show_progress):
-        features = vqa.encode(data.images.batch(image_rows, vqa.device))  # (B, L, D)
+        memory = vqa.encode(data.images.batch(image_rows, vqa.device))  # (B, L, M)
         items = [data.split.items[k] for r in image_rows for k in data.by_image[r]]
         local = [j for j, r in enumerate(image_rows) for _ in data.by_image[r]]
         ids = encode_questions([item.question for item in items], vqa.question_vocab)
-        logits, _ = vqa.model.head(
-            features, ids.to(vqa.device), torch.tensor(local, device=vqa.device)
+        logits, _ = vqa.model.head_prepared(
+            memory, ids.to(vqa.device), torch.tensor(local, device=vqa.device)
         )
         for item, best in zip(items, logits.argmax(dim=1).tolist(), strict=True):
             predictions[item.question_id] = vqa.answers[best]
