@@ -32,9 +32,6 @@ class DecoderConfig:
     # A learned embedding per grid cell added to the features, so attention and words can use where
     # things are (spatial relations) even when the CNN's padding gives little position information.
     positional: bool = False
-    # Start the recurrent state from the pooled image (Show, Attend and Tell eq. 5). Off, it starts
-    # from a learned constant, so what the decoder knows of the image comes through attention.
-    image_init: bool = True
     # Weight of the doubly stochastic attention term (Show, Attend and Tell eq. 14, lambda).
     doubly_stochastic: float = 1.0
     pad_id: int = 0
@@ -92,9 +89,10 @@ class CaptionDecoder(nn.Module):
         )
         # Gating scalar beta_t = sigmoid(f_beta(h_{t-1})) (Show, Attend and Tell Sec. 4.2.1).
         self.gate = nn.Linear(c.hidden_dim, c.feature_dim) if c.attention else None
-        init_in = c.feature_dim if c.image_init else 1  # without the image: a learned constant
-        self.init_h = nn.Linear(init_in, c.hidden_dim * c.num_layers)
-        self.init_c = nn.Linear(init_in, c.hidden_dim * c.num_layers) if c.cell == "lstm" else None
+        self.init_h = nn.Linear(c.feature_dim, c.hidden_dim * c.num_layers)
+        self.init_c = (
+            nn.Linear(c.feature_dim, c.hidden_dim * c.num_layers) if c.cell == "lstm" else None
+        )
         cell = CELLS[c.cell]
         sizes = [c.embed_dim + c.feature_dim] + [c.hidden_dim] * (c.num_layers - 1)
         self.cells = nn.ModuleList(cell(size, c.hidden_dim) for size in sizes)
@@ -135,13 +133,8 @@ class CaptionDecoder(nn.Module):
 
     def init_state(self, memory: Memory) -> State:
         n, hdim = self.config.num_layers, self.config.hidden_dim
-        pooled = (
-            memory.pooled
-            if self.config.image_init
-            else memory.pooled.new_ones(len(memory.pooled), 1)
-        )
-        h = torch.tanh(self.init_h(pooled)).split(hdim, dim=1)
-        c = torch.tanh(self.init_c(pooled)).split(hdim, dim=1) if self.init_c else None
+        h = torch.tanh(self.init_h(memory.pooled)).split(hdim, dim=1)
+        c = torch.tanh(self.init_c(memory.pooled)).split(hdim, dim=1) if self.init_c else None
         return list(h[:n]), (list(c[:n]) if c is not None else None)
 
     # -- one step ------------------------------------------------------------------------------

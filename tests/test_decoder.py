@@ -16,9 +16,8 @@ CAPS = torch.tensor([[1, 5, 6, 7, 2, 0], [1, 8, 2, 0, 0, 0], [1, 9, 10, 11, 12, 
         dict(num_layers=2, dropout=0.3),
         dict(attention=False),
         dict(positional=True),
-        dict(image_init=False),
     ],
-    ids=["lstm", "gru", "rnn", "lstm2", "no-attention", "positional", "no-image-init"],
+    ids=["lstm", "gru", "rnn", "lstm2", "no-attention", "positional"],
 )
 def test_every_parameter_gets_a_finite_gradient(variant):
     model = tiny_model(**variant).train()
@@ -33,20 +32,6 @@ def test_every_parameter_gets_a_finite_gradient(variant):
         assert p.grad is not None, name
         assert torch.isfinite(p.grad).all(), name
         assert p.grad.abs().sum() > 0, name
-
-
-def test_without_image_init_the_start_state_does_not_depend_on_the_image():
-    model = tiny_model(image_init=False).eval()
-    a, b = (model.decoder.memory(model.features(torch.randn(2, 3, 32, 32))) for _ in range(2))
-    (ha,), (ca,) = model.decoder.init_state(a)
-    (hb,), (cb,) = model.decoder.init_state(b)
-    torch.testing.assert_close(ha, hb)
-    torch.testing.assert_close(ca, cb)
-    torch.testing.assert_close(ha[0], ha[1])
-    with_image = tiny_model().eval()
-    (h1,), _ = with_image.decoder.init_state(a)
-    (h2,), _ = with_image.decoder.init_state(b)
-    assert not torch.allclose(h1, h2)
 
 
 def test_padding_is_not_computed_and_does_not_change_outputs():

@@ -127,12 +127,6 @@ def get_args_parser() -> argparse.ArgumentParser:
     model.add_argument(
         "--positional", action="store_true", help="learned position embedding per grid cell"
     )
-    model.add_argument(
-        "--no-image-init",
-        action="store_true",
-        help="start the LSTM from a learned constant, not the pooled image, so the decoder sees "
-        "the image only through attention",
-    )
     model.add_argument("--dropout", type=float, default=0.3)
     model.add_argument(
         "--alpha-c", type=float, default=1.0, help="doubly stochastic attention weight"
@@ -241,7 +235,6 @@ def build_model(args, vocab: Vocabulary) -> CaptionModel:
         num_layers=args.layers,
         dropout=args.dropout,
         positional=args.positional,
-        image_init=not args.no_image_init,
         doubly_stochastic=args.alpha_c,
         pad_id=vocab.pad_id,
     )
