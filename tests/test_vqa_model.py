@@ -174,3 +174,15 @@ def test_a_question_without_words_is_refused():
         net.question(torch.tensor([[0, 0]]))
     with pytest.raises(ValueError, match="has no words"):
         encode_questions(["   "], Vocabulary.build(QUESTIONS))
+
+
+def test_head_prepared_refuses_memory_that_is_not_prepare_output():
+    net = tiny_vqa().eval()
+    feats = net.features(torch.randn(2, 3, 32, 32))
+    questions = torch.randint(4, 30, (2, 5))
+    with torch.no_grad():
+        torch.testing.assert_close(
+            net.head_prepared(net.prepare(feats), questions)[0], net.head(feats, questions)[0]
+        )
+        with pytest.raises(ValueError, match="expected prepared image memory"):
+            net.head_prepared(feats, questions)  # raw grid features, not prepare(features)
