@@ -282,6 +282,32 @@ def progress(iterable: Iterable, total: int | None = None, desc: str = "", enabl
 # -- resume ------------------------------------------------------------------------------------
 
 
+def resume_args(
+    args: Any,
+    argv: list[str] | None,
+    always: Iterable[str] = (),
+    given_again: Iterable[str] = (),
+) -> Any:
+    """On `--resume`: the run's own arguments from `run/args.json` (`args.out`), with the `always`
+    ones taken from this command and the `given_again` ones only when this command line names
+    them; `resume` is True. A run folder without args.json is refused with the reason."""
+    import argparse
+
+    run = Path(args.out)
+    if not (run / "args.json").is_file():
+        raise ValueError(f"--resume: {run / 'args.json'} not found; start {run} without --resume")
+    saved = json.loads((run / "args.json").read_text())
+    given = argv if argv is not None else sys.argv[1:]
+    for key in always:
+        saved[key] = getattr(args, key)
+    for key in given_again:
+        flag = "--" + key.replace("_", "-")
+        if any(a == flag or a.startswith(flag + "=") for a in given):
+            saved[key] = getattr(args, key)
+    saved["resume"] = True
+    return argparse.Namespace(**{**vars(args), **saved})
+
+
 def recover_for_resume(run: Path, d: Dist, script: str) -> bool:
     """Before `--resume`: put back what a killed save left (temporary siblings, `last/` moved
     aside); True when `run/last` exists to resume from, False (said on stderr) when the killed run

@@ -53,6 +53,7 @@ from training.common import (
     optimizer_state,
     progress,
     recover_for_resume,
+    resume_args,
     seed_everything,
     setup_distributed,
     warmup_cosine,
@@ -330,19 +331,7 @@ def main(args: argparse.Namespace, argv: list[str] | None = None) -> dict:
     """Train; returns the final `step`, `epoch`, last validation `metrics`, `best` value and `model`."""
     run = Path(args.out)
     if args.resume:
-        if not (run / "args.json").is_file():
-            raise ValueError(
-                f"--resume: {run / 'args.json'} not found; start {run} without --resume"
-            )
-        saved = json.loads((run / "args.json").read_text())
-        given = argv if argv is not None else sys.argv[1:]
-        for key in RESUME_OVERRIDES:
-            saved[key] = getattr(args, key)
-        for key in RESUME_OPTIONAL:
-            flag = "--" + key.replace("_", "-")
-            if any(a == flag or a.startswith(flag + "=") for a in given):
-                saved[key] = getattr(args, key)
-        args = argparse.Namespace(**{**vars(args), **saved})
+        args = resume_args(args, argv, always=RESUME_OVERRIDES, given_again=RESUME_OPTIONAL)
     if args.threads:
         torch.set_num_threads(args.threads)
     d = setup_distributed(args.device)

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import json
 import math
 import shlex
 import sys
@@ -27,12 +26,7 @@ from pathlib import Path
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
-from captioner.checkpoint import (
-    check_state_dict,
-    load_model_dir,
-    load_tensors,
-    save_model_dir,
-)
+from captioner.checkpoint import check_state_dict, load_model_dir, load_tensors, save_model_dir
 from captioner.encoder import EncoderConfig
 from captioner.vocab import Vocabulary
 from captioner.vqa import ANSWERS, QUESTION_VOCAB, VQAModel, encode_questions
@@ -52,6 +46,7 @@ from training.common import (
     optimizer_state,
     progress,
     recover_for_resume,
+    resume_args,
     seed_everything,
     setup_distributed,
     warmup_cosine,
@@ -296,19 +291,8 @@ def weights_digest(model: torch.nn.Module) -> str:
 def main(args: argparse.Namespace, argv: list[str] | None = None) -> dict:
     """Train; returns {"step", "epoch", "metrics", "best", "weights_sha256", "model"} on every rank."""
     run = Path(args.out)
-    if args.resume:
-        if not (run / "args.json").is_file():
-            raise ValueError(
-                f"--resume: {run / 'args.json'} not found; start {run} without --resume"
-            )
-        saved = json.loads((run / "args.json").read_text())
-        given = argv if argv is not None else sys.argv[1:]
-        for key in RESUME_OVERRIDES:  # the run's own values, unless given again on this command
-            flag = "--" + key.replace("_", "-")
-            if any(a == flag or a.startswith(flag + "=") for a in given):
-                saved[key] = getattr(args, key)
-        saved["resume"] = True
-        args = argparse.Namespace(**{**vars(args), **saved})
+    if args.resume:  # the run's own values, unless given again on this command line
+        args = resume_args(args, argv, given_again=RESUME_OVERRIDES)
     if not args.data:
         raise ValueError("--data is required (the folder of VQA v2 splits)")
     if args.threads:
@@ -340,7 +324,7 @@ def _train(args, d: Dist, run: Path, argv: list[str] | None) -> dict:
         answers = build_answer_vocab(train_split.items, args.answers)
     model = build_model(args, vocab, answers)
     encoder_source = None
-    if getattr(args, "init_encoder", None) and not args.resume:
+    if args.init_encoder and not args.resume:
         encoder_source = load_encoder_from(model.encoder, args.init_encoder)
     model = model.to(d.device)
     vqa = VQAModel(model, vocab, answers, args.name or run.name, args.version, device=d.device)
