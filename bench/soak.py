@@ -169,7 +169,8 @@ def read_log(log: Path) -> tuple[list[str], list[dict]]:
         try:
             record = json.loads(line)
         except ValueError:
-            if "Traceback" in line or "Error" in line:
+            # uvicorn's own lines ("WARNING:  Invalid HTTP request received.") are plain text
+            if "Traceback" in line or "Error" in line or line.startswith(("WARNING", "ERROR")):
                 problems.append(line.strip())
             continue
         if not isinstance(record, dict):
@@ -254,6 +255,17 @@ def percentiles(seconds: list[float]) -> dict:
     }
 
 
+def causes(exc: BaseException) -> str:
+    """The exception and what it came from ("ReadError('') <- ConnectionResetError(104, ...)"):
+    a reset connection and one the server closed cleanly read alike at the top."""
+    chain, seen = [], set()
+    while exc is not None and id(exc) not in seen and len(chain) < 6:
+        seen.add(id(exc))
+        chain.append(repr(exc)[:160])
+        exc = exc.__cause__ or exc.__context__
+    return " <- ".join(chain)
+
+
 def classify(path: str, response: httpx.Response) -> tuple[str, str | None]:
     """(latency kind, reason it is unexpected or None) of one answer."""
     status = response.status_code
@@ -308,6 +320,7 @@ async def drive(
                     took = time.perf_counter() - t0
                     phase.record(path, type(exc).__name__, "no_answer", took)
                     phase.unexpected[f"no answer ({type(exc).__name__})"] += 1
+                    phase.details[f"no answer after {took * 1000:.0f} ms: {causes(exc)}"] += 1
                     continue
                 phase.answer(path, response, time.perf_counter() - t0)
 
