@@ -56,5 +56,6 @@ def serve(
         host=host,
         port=port,
         log_level=settings.log_level.lower(),
+        timeout_keep_alive=settings.keep_alive_s,
         access_log=False,  # RequestLogMiddleware writes one JSON line per request instead
     )

@@ -47,6 +47,11 @@ class Settings(BaseSettings):
     max_queue: int = Field(64, ge=1)  # images waiting per model; beyond that 503 + Retry-After
     request_timeout_s: float = Field(30.0, gt=0)
     feature_cache_items: int = Field(256, ge=0)  # VQA image features kept; 0 disables the cache
+    # Seconds an idle HTTP connection stays open. Longer than the idle timeouts of clients and load
+    # balancers (httpx 5 s, nginx and AWS ALB 60 s), so that they close idle connections, not the
+    # service: a server that closes first can reset a request already on its way (uvicorn's 5 s
+    # default against httpx's 5 s dropped requests under overload in bench/soak.py).
+    keep_alive_s: float = Field(75.0, gt=0, le=3600)
 
     cors_origins: Annotated[list[str], NoDecode] = []
     log_level: str = "INFO"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import http.client
 import json
 import socket
 import subprocess
@@ -11,6 +12,7 @@ import time
 import httpx
 import pytest
 
+from api.settings import Settings
 from tests.api_fixtures import png, save_tiny_captioner
 
 
@@ -20,34 +22,45 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture
-def server(tmp_path):
-    folder = save_tiny_captioner(tmp_path / "cap")
+def start(folder, **overrides) -> tuple[str, subprocess.Popen]:
+    """`serve()` in a subprocess with the tiny captioner and `Settings` overrides, once ready."""
     port = free_port()
     code = (
         "from api.server import serve; "
-        f"serve('127.0.0.1', {port}, caption_model={str(folder)!r}, vqa_model='')"
+        f"serve('127.0.0.1', {port}, caption_model={str(folder)!r}, vqa_model='', **{overrides!r})"
     )
     proc = subprocess.Popen(
         [sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
     )
     base = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            if httpx.get(f"{base}/ready", timeout=1).status_code == 200:
+                return base, proc
+        except httpx.TransportError:
+            pass
+        if proc.poll() is not None or time.monotonic() > deadline:
+            stop(proc)
+            raise AssertionError(f"server did not start: {proc.communicate()[1][-2000:]}")
+        time.sleep(0.1)
+
+
+def stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        proc.terminate()
+    proc.wait(timeout=10)
+    for pipe in (proc.stdout, proc.stderr):
+        pipe.close()
+
+
+@pytest.fixture
+def server(tmp_path):
+    base, proc = start(save_tiny_captioner(tmp_path / "cap"))
     try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                if httpx.get(f"{base}/ready", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise AssertionError(f"server did not start: {proc.communicate()[1][-2000:]}")
-            time.sleep(0.1)
         yield base, proc
     finally:
-        if proc.poll() is None:
-            proc.terminate()
-        proc.wait(timeout=10)
+        stop(proc)
 
 
 def test_serve_answers_over_http_and_logs_json(server):
@@ -71,3 +84,42 @@ def test_serve_answers_over_http_and_logs_json(server):
         ("POST", "/caption", 200),
     }
     assert any(line.get("message") == "model loaded" for line in lines)
+
+
+def idle_connection_survives(base: str, idle_s: float) -> bool:
+    """One GET /health on a kept-alive connection, `idle_s` of silence, then whether the same
+    connection still answers (False: the server closed it meanwhile)."""
+    port = int(base.rsplit(":", 1)[1])
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+    try:
+        conn.request("GET", "/health")
+        first = conn.getresponse()
+        first.read()
+        assert first.status == 200 and not first.will_close
+        time.sleep(idle_s)
+        conn.request("GET", "/health")
+        return conn.getresponse().status == 200
+    except (ConnectionError, http.client.RemoteDisconnected):
+        return False
+    finally:
+        conn.close()
+
+
+def test_idle_connections_are_closed_after_keep_alive_s(tmp_path):
+    folder = save_tiny_captioner(tmp_path / "cap")
+    base, proc = start(folder, keep_alive_s=0.5)
+    try:
+        assert not idle_connection_survives(base, 1.5)
+    finally:
+        stop(proc)
+    base, proc = start(folder)  # the default outlasts the idle time (and httpx's own 5 s)
+    try:
+        assert idle_connection_survives(base, 1.5)
+    finally:
+        stop(proc)
+
+
+def test_default_keep_alive_outlasts_common_client_idle_timeouts():
+    # The client (httpx here, a load balancer in production) must give up on an idle connection
+    # first, or a request it sends just as the server closes that connection is reset.
+    assert Settings().keep_alive_s > max(httpx.Limits().keepalive_expiry or 0, 5.0, 60.0)
