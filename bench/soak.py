@@ -16,7 +16,9 @@ Phases, one server throughout (about 2.5 minutes with the defaults):
             them and "end_of_steady" after them
   overload  the steady clients plus --overload-concurrency more (5x by default), sending back to
             back without honouring Retry-After, for --overload-seconds: more requests than the two
-            models' queues and running batches hold (at most 2 x CAPTIONER_MAX_QUEUE each)
+            models' queues and running batches hold (at most 2 x CAPTIONER_MAX_QUEUE each); and
+            one more client in its own process, one /caption at a time (what a client outside the
+            crowd sees: the crowd's latencies include its own event loop's turns)
   after     GET /ready, one normal /caption and one /vqa (`healthy_after`); idle RSS "end"
 
 Memory is the server process's VmRSS from /proc/<pid>/status, read with no request in flight, so
@@ -42,6 +44,7 @@ import argparse
 import asyncio
 import io
 import json
+import multiprocessing
 import os
 import re
 import subprocess
@@ -359,6 +362,46 @@ async def warm_up(url: str, samples: list[Sample], clients: int, timeout: float)
     return phase
 
 
+def polite_client(url: str, jpeg: bytes, until: float, out) -> None:
+    """In its own process: one POST /caption at a time, 50 ms apart, until Unix time `until`; sends back
+    [(status or error name, seconds)] through the pipe `out`. What a client that is not part of
+    the crowd sees of the overload, without the crowd's event loop in its latencies."""
+    answers = []
+    with httpx.Client(base_url=url, timeout=60) as client:
+        while time.time() < until:
+            t0 = time.perf_counter()
+            try:
+                files = {"image": ("scene.jpg", jpeg, "image/jpeg")}
+                outcome = str(client.post("/caption", files=files).status_code)
+            except httpx.HTTPError as exc:
+                outcome = type(exc).__name__
+            answers.append((outcome, time.perf_counter() - t0))
+            time.sleep(0.05)
+    out.send(answers)
+    out.close()
+
+
+def start_polite_client(url: str, jpeg: bytes, seconds: float):
+    """`polite_client` in a spawned process; returns a function that waits for its answers as
+    {status: percentiles}."""
+    context = multiprocessing.get_context("spawn")
+    receive, send = context.Pipe(duplex=False)
+    until = time.time() + seconds  # from now, however long the process takes to start
+    process = context.Process(target=polite_client, args=(url, jpeg, until, send), daemon=True)
+    process.start()
+    send.close()
+
+    def result() -> dict:
+        answers = receive.recv() if receive.poll(seconds + 120) else []
+        process.join(timeout=10)
+        by_status = defaultdict(list)
+        for outcome, took in answers:
+            by_status[outcome].append(took)
+        return {status: percentiles(took) for status, took in sorted(by_status.items())}
+
+    return result
+
+
 def check_health(url: str, sample: Sample) -> dict:
     """After the overload: /ready, then one normal /caption and /vqa (defaults, no load)."""
     out: dict = {}
@@ -459,6 +502,7 @@ def main(args: argparse.Namespace) -> dict:
             )
 
             overload = Phase("overload")
+            polite = start_polite_client(url, images[0].jpeg, args.overload_seconds)
             asyncio.run(
                 drive(
                     url,
@@ -471,6 +515,7 @@ def main(args: argparse.Namespace) -> dict:
                     extra=(args.overload_concurrency, args.overload_seconds),
                 )
             )
+            polite = polite()
             health = check_health(url, images[0])
             rss["end"] = idle_rss_mb(pid)
             rss["peak"] = round(proc_mib(pid, "VmHWM"), 1)
@@ -491,6 +536,7 @@ def main(args: argparse.Namespace) -> dict:
         print(f"{phase.name}: {json.dumps(phase.summary())}")
     for phase in (steady, overload):
         print(f"{phase.name}, server-side ms by status: {json.dumps(server_side(requests, phase))}")
+    print(f"overload, one more client sending one /caption at a time: {json.dumps(polite)}")
     print(f"health after overload: {json.dumps(health)}; server alive: {alive}")
     print(f"RSS MB: {json.dumps(rss)}")
     if problems:
