@@ -363,9 +363,9 @@ async def warm_up(url: str, samples: list[Sample], clients: int, timeout: float)
 
 
 def polite_client(url: str, jpeg: bytes, until: float, out) -> None:
-    """In its own process: one POST /caption at a time, 50 ms apart, until Unix time `until`; sends back
-    [(status or error name, seconds)] through the pipe `out`. What a client that is not part of
-    the crowd sees of the overload, without the crowd's event loop in its latencies."""
+    """In its own process: one POST /caption at a time, 50 ms apart, until Unix time `until`;
+    sends [(status or error name, seconds)] back through the pipe `out`. What a client that is not
+    part of the crowd sees of the overload, without the crowd's event loop in its latencies."""
     answers = []
     with httpx.Client(base_url=url, timeout=60) as client:
         while time.time() < until:
