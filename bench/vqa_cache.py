@@ -35,7 +35,7 @@ from captioner.vqa_model import VQANet
 
 QUESTIONS = [
     "what color is the circle?",
-    "how many shapes are there?",
+    "how many objects are there?",
     "is there a square?",
     "what shape is left of the red shape?",
     "what color is the large shape?",
