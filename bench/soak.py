@@ -502,7 +502,7 @@ def main(args: argparse.Namespace) -> dict:
             )
 
             overload = Phase("overload")
-            polite = start_polite_client(url, images[0].jpeg, args.overload_seconds)
+            polite_answers = start_polite_client(url, images[0].jpeg, args.overload_seconds)
             asyncio.run(
                 drive(
                     url,
@@ -515,7 +515,7 @@ def main(args: argparse.Namespace) -> dict:
                     extra=(args.overload_concurrency, args.overload_seconds),
                 )
             )
-            polite = polite()
+            polite = polite_answers()
             health = check_health(url, images[0])
             rss["end"] = idle_rss_mb(pid)
             rss["peak"] = round(proc_mib(pid, "VmHWM"), 1)

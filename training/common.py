@@ -6,6 +6,7 @@ plus JSON (not `torch.save`), because model folders are never unpickled.
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import os
@@ -291,8 +292,6 @@ def resume_args(
     """On `--resume`: the run's own arguments from `run/args.json` (`args.out`), with the `always`
     ones taken from this command and the `given_again` ones only when this command line names
     them; `resume` is True. A run folder without args.json is refused with the reason."""
-    import argparse
-
     run = Path(args.out)
     if not (run / "args.json").is_file():
         raise ValueError(f"--resume: {run / 'args.json'} not found; start {run} without --resume")
