@@ -25,7 +25,7 @@ from captioner import __version__
 
 from . import errors
 from .logs import RequestLogMiddleware
-from .metrics import Metrics
+from .prometheus import Metrics
 from .routes import caption, health, page, samples, vqa
 from .routes.page import STATIC_DIR
 from .services import CaptionService, VQAService
@@ -35,16 +35,16 @@ from .uploads import FORM_OVERHEAD, BodyLimitMiddleware
 logger = logging.getLogger("captioner.api")
 
 
-def _load_captioner(path: Path, device: str) -> Any:
-    from captioner.pipeline import Captioner
+def _load_captioner(path: Path, settings: Settings) -> Any:
+    from captioner.caption.captioner import Captioner
 
-    return Captioner.load(path, device=device)
+    return Captioner.load(path, device=settings.device)
 
 
-def _load_vqa(path: Path, device: str) -> Any:
-    from captioner.vqa import VQAModel
+def _load_vqa(path: Path, settings: Settings) -> Any:
+    from captioner.vqa.answerer import Answerer
 
-    return VQAModel.load(path, device=device)
+    return Answerer.load(path, device=settings.device, cache_size=settings.feature_cache_items)
 
 
 def _models(settings: Settings) -> dict[str, tuple[Path | None, Callable, type]]:
@@ -66,7 +66,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         app.state.model_status[name] = "loading"
         started = time.perf_counter()
         try:
-            model = await run_in_threadpool(load, path, settings.device)
+            model = await run_in_threadpool(load, path, settings)
             service = service_class(model, settings, metrics)
             await service.batcher.start()
         except Exception as exc:  # any failure leaves this model out; /ready says why

@@ -26,7 +26,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
-from .metrics import Metrics
+from .prometheus import Metrics
 
 Item = TypeVar("Item")
 Result = TypeVar("Result")

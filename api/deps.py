@@ -8,7 +8,7 @@ from typing import Annotated
 from fastapi import Depends, HTTPException, Request, Security
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
 
-from .metrics import Metrics
+from .prometheus import Metrics
 from .services import CaptionService, VQAService
 from .settings import Settings
 

@@ -19,7 +19,7 @@ from typing import Any
 from starlette.datastructures import Headers, MutableHeaders
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from .metrics import Metrics
+from .prometheus import Metrics
 
 logger = logging.getLogger("captioner.api")
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")

@@ -1,10 +1,10 @@
 """The loaded models behind the routes, each with its own micro-batcher.
 
 `CaptionService.run_batch` stacks every waiting image into one encoder pass, then decodes in one
-batched beam search per distinct (beam_size, max_length). `VQAService.run_batch` looks image
-features up in a content-keyed `FeatureCache` first, encodes only the images it has not seen (each
-distinct image once), then answers in one pass per distinct top_k. Both run in the batcher's worker
-thread, never on the event loop.
+batched beam search per distinct (beam_size, max_length). `VQAService.run_batch` goes through the
+answerer's own feature cache (`Answerer.image_memory`: cached images cost nothing, each distinct
+new image is encoded once), then answers in one pass per distinct top_k. Both run in the
+batcher's worker thread, never on the event loop.
 """
 
 from __future__ import annotations
@@ -15,10 +15,12 @@ from typing import Any
 
 import torch
 
-from captioner.pipeline import Captioner, CaptionResult
+from captioner.caption.captioner import Captioner
+from captioner.results import AnswerResult, CaptionResult
+from captioner.vqa.answerer import Answerer
 
 from .batching import MicroBatcher
-from .metrics import Metrics
+from .prometheus import Metrics
 from .settings import Settings
 
 
@@ -92,7 +94,7 @@ class CaptionService:
 
 @dataclass(frozen=True)
 class VQAJob:
-    key: str  # feature cache key: image content + model
+    data: bytes  # the upload: its feature cache key is computed in the worker thread
     pixels: torch.Tensor  # (3, S, S)
     question: str
     top_k: int
@@ -101,70 +103,39 @@ class VQAJob:
 class VQAService:
     name = "vqa"
 
-    def __init__(self, model: Any, settings: Settings, metrics: Metrics):
-        from captioner.feature_cache import FeatureCache
-
-        self.model = model
-        self.metrics = metrics
-        self.cache = (
-            FeatureCache(settings.feature_cache_items) if settings.feature_cache_items else None
-        )
-        self.batcher: MicroBatcher[VQAJob, Any] = _batcher(
+    def __init__(self, answerer: Answerer, settings: Settings, metrics: Metrics):
+        self.answerer = answerer
+        metrics.watch_cache(self.name, answerer.cache)
+        self.batcher: MicroBatcher[VQAJob, AnswerResult] = _batcher(
             self.name, self.run_batch, settings, metrics
         )
 
     @property
     def input_size(self) -> int:
-        return self.model.input_size
+        return self.answerer.input_size
 
     def model_ref(self) -> dict[str, str]:
-        return {"name": self.model.name, "version": self.model.version}
+        return {"name": self.answerer.name, "version": self.answerer.version}
 
     def metadata(self) -> dict[str, Any]:
-        return self.model.metadata()
+        return self.answerer.metadata()
 
-    def cache_key(self, digest: str) -> str:
-        """Feature cache key of an upload, from the sha256 `digest` of its bytes."""
-        from captioner.feature_cache import key_for
-
-        return key_for(bytes.fromhex(digest), self.model.name, self.model.version)
-
-    def run_batch(self, jobs: list[VQAJob]) -> list[Any]:
+    def run_batch(self, jobs: list[VQAJob]) -> list[AnswerResult]:
+        """The answerer's own path: its feature cache, then one pass per distinct top_k."""
         with torch.inference_mode():
-            features = self._features(jobs)  # (B, L, M): image memory, see VQAModel.encode
-            results: list[Any] = [None] * len(jobs)
+            keys = [self.answerer.image_key(job.data) for job in jobs]
+            memory = self.answerer.image_memory(keys, lambda i: jobs[i].pixels)  # (B, L, M)
+            results: list[AnswerResult | None] = [None] * len(jobs)
             for top_k, rows in _groups([job.top_k for job in jobs]).items():
-                index = torch.tensor(rows, device=features.device)
-                answers = self.model.answer_features(
-                    features.index_select(0, index), [jobs[r].question for r in rows], top_k
+                index = torch.tensor(rows, device=memory.device)
+                answers = self.answerer.answer_features(
+                    memory.index_select(0, index), [jobs[r].question for r in rows], top_k
                 )
                 for row, answer in zip(rows, answers, strict=True):
                     results[row] = answer
-        return results
-
-    def _features(self, jobs: list[VQAJob]) -> torch.Tensor:
-        """Encoder features per job: cached ones reused, each distinct new image encoded once."""
-        found: dict[str, torch.Tensor] = {}
-        todo: dict[str, torch.Tensor] = {}
-        for job in jobs:
-            if job.key in found or job.key in todo:
-                continue
-            cached = self.cache.get(job.key) if self.cache is not None else None
-            if cached is not None:
-                found[job.key] = cached
-            else:
-                todo[job.key] = job.pixels
-        self.metrics.cache_hits.labels(self.name).inc(len(found))
-        self.metrics.cache_misses.labels(self.name).inc(len(todo))
-        if todo:
-            encoded = self.model.encode(torch.stack(list(todo.values())))  # (N, L, M)
-            for key, feats in zip(todo, encoded, strict=True):
-                found[key] = feats.clone()  # a copy, so the cache does not pin the whole batch
-                if self.cache is not None:
-                    self.cache.put(key, found[key])
-        return torch.stack([found[job.key] for job in jobs])
+        return results  # type: ignore[return-value]
 
     async def answer(
-        self, key: str, pixels: torch.Tensor, question: str, top_k: int
-    ) -> tuple[Any, int]:
-        return await self.batcher.submit(VQAJob(key, pixels, question, top_k))
+        self, data: bytes, pixels: torch.Tensor, question: str, top_k: int
+    ) -> tuple[AnswerResult, int]:
+        return await self.batcher.submit(VQAJob(data, pixels, question, top_k))

@@ -8,7 +8,6 @@ and `read_upload` reads each file in chunks and stops one chunk past `max_bytes`
 from __future__ import annotations
 
 import asyncio
-import hashlib
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import TypeVar
@@ -31,7 +30,7 @@ T = TypeVar("T")
 class DecodedImage:
     image: Image.Image  # RGB, EXIF-rotated: what attention overlays are drawn on
     pixels: torch.Tensor  # (3, S, S), preprocessed exactly as in training
-    digest: str  # sha256 of the uploaded bytes (feature cache key material)
+    data: bytes  # the uploaded bytes (what the VQA feature cache keys an image by)
 
 
 async def read_upload(upload: UploadFile, max_bytes: int, label: str = "image") -> bytes:
@@ -50,7 +49,7 @@ async def read_upload(upload: UploadFile, max_bytes: int, label: str = "image") 
 def decode_image(data: bytes, max_pixels: int, input_size: int) -> DecodedImage:
     """Decode and preprocess one upload (CPU work: call it in a worker thread)."""
     image = load_image(data, max_pixels)
-    return DecodedImage(image, preprocess(image, input_size), hashlib.sha256(data).hexdigest())
+    return DecodedImage(image, preprocess(image, input_size), data)
 
 
 def image_error(exc: ImageError, label: str = "image") -> HTTPException:

@@ -1,6 +1,6 @@
 """A long schema fuzz of the API: schemathesis cases for every operation of the real app, in-process.
 
-The same generation and checks as tests/test_api_schema_fuzz.py (tests/api_fuzz.py), with many more
+The same generation and checks as tests/test_api_schema_fuzz.py (bench/api_fuzz.py), with many more
 examples: for each operation, `--examples` positive cases (fitting the schema; uploads are real
 images two times in three) and as many negative ones (violating it), sent through schemathesis's
 ASGI transport to an app with the demo models (models/, what `make serve` serves), or with tiny
@@ -35,8 +35,18 @@ from collections import Counter
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))  # tests/api_fuzz.py holds the generation and checks the test uses
+sys.path.insert(0, str(ROOT))
 
+from api_fuzz import (  # noqa: E402
+    KEY,
+    KEYED_EXCLUDED,
+    KEYED_HEADERS,
+    OPEN_EXCLUDED,
+    fuzz_settings,
+    load_schema,
+    problems,
+    save_untrained_models,
+)
 from hypothesis import HealthCheck, given, seed, settings  # noqa: E402
 from hypothesis.errors import Unsatisfiable  # noqa: E402
 from schemathesis import GenerationMode  # noqa: E402
@@ -54,16 +64,6 @@ from schemathesis.python import asgi  # noqa: E402
 
 from api.app import create_app  # noqa: E402
 from captioner.paths import DEFAULT_CAPTION_MODEL, DEFAULT_VQA_MODEL  # noqa: E402
-from tests.api_fixtures import save_tiny_captioner, save_tiny_vqa  # noqa: E402
-from tests.api_fuzz import (  # noqa: E402
-    KEY,
-    KEYED_EXCLUDED,
-    KEYED_HEADERS,
-    OPEN_EXCLUDED,
-    fuzz_settings,
-    load_schema,
-    problems,
-)
 
 # schemathesis failures that mean "the response is not what the schema documents"
 CONFORMANCE = (
@@ -163,10 +163,7 @@ def model_dirs(kind: str, tmp: Path) -> tuple[str, dict[str, Path]]:
     """The kind actually used and its folders: the demo models when asked for and present."""
     if kind == "demo" and DEFAULT_CAPTION_MODEL.is_dir() and DEFAULT_VQA_MODEL.is_dir():
         return kind, {"caption_model": DEFAULT_CAPTION_MODEL, "vqa_model": DEFAULT_VQA_MODEL}
-    return "tiny", {
-        "caption_model": save_tiny_captioner(tmp / "cap"),
-        "vqa_model": save_tiny_vqa(tmp / "vqa"),
-    }
+    return "tiny", save_untrained_models(tmp)
 
 
 def main(args: argparse.Namespace) -> dict:

@@ -36,11 +36,11 @@ import numpy as np
 import torch
 from procs import cpu_seconds, free_port, proc_mib, stop_server
 
+from captioner.caption.captioner import Captioner
+from captioner.caption.net import CaptionNet
+from captioner.data.shapes import generate_split, render
 from captioner.encoder import EncoderConfig
-from captioner.model import CaptionModel
 from captioner.paths import DEFAULT_CAPTION_MODEL
-from captioner.pipeline import Captioner
-from captioner.shapes import generate_split, render
 from captioner.vocab import Vocabulary
 
 COCO_MINI = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "coco-mini" / "images"
@@ -70,7 +70,7 @@ def stand_in_model(folder: Path) -> Path:
     torch.manual_seed(0)
     scenes = generate_split(300, seed=123)
     vocab = Vocabulary.build(c for s in scenes for c in s.captions)
-    model = CaptionModel.build(
+    model = CaptionNet.build(
         EncoderConfig(name="small_cnn", input_size=128, grid_size=8, width=32),
         vocab_size=len(vocab),
         embed_dim=128,
@@ -115,7 +115,7 @@ def start_server(
         CAPTIONER_API_KEY="",
         CAPTIONER_DEVICE="cpu",
     )
-    command = [sys.executable, "-m", "captioner.cli", "serve", "--host", "127.0.0.1"]
+    command = [sys.executable, "-m", "api.cli", "serve", "--host", "127.0.0.1"]
     command += ["--port", str(port), "--caption-model", str(model), "--vqa-model", ""]
     with log.open("wb") as out:
         proc = subprocess.Popen(command, env=env, stdout=out, stderr=subprocess.STDOUT)

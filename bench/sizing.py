@@ -24,8 +24,8 @@ import time
 import httpx
 from procs import free_port, proc_mib
 
+from captioner.data.shapes import make_scene, render
 from captioner.paths import MODELS_DIR
-from captioner.shapes import make_scene, render
 
 SETUPS = [  # (label, caption model, VQA model, route to time)
     ("no model", "", "", None),
@@ -57,7 +57,7 @@ def measure(label: str, caption: str, vqa: str, route: str | None, args) -> dict
     env = dict(os.environ, CAPTIONER_API_KEY="", CAPTIONER_DEVICE="cpu")
     env["CAPTIONER_CAPTION_MODEL"] = str(MODELS_DIR / caption) if caption else ""
     env["CAPTIONER_VQA_MODEL"] = str(MODELS_DIR / vqa) if vqa else ""
-    command = [sys.executable, "-m", "captioner.cli", "serve", "--port", str(port)]
+    command = [sys.executable, "-m", "api.cli", "serve", "--port", str(port)]
     proc = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         started = time.perf_counter()

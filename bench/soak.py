@@ -60,8 +60,8 @@ import httpx
 import numpy as np
 from procs import cpu_seconds, free_port, proc_mib, stop_server
 
+from captioner.data.shapes import generate_split, render
 from captioner.paths import DEFAULT_CAPTION_MODEL, DEFAULT_VQA_MODEL
-from captioner.shapes import generate_split, render
 
 ENDPOINTS = ("/caption", "/vqa")
 ATTENTION = ("grid", "grid", "none", "png")
@@ -140,7 +140,7 @@ def start_server(args: argparse.Namespace, log: Path) -> tuple[subprocess.Popen,
         CAPTIONER_API_KEY="",
         CAPTIONER_DEVICE="cpu",
     )
-    command = [sys.executable, "-m", "captioner.cli", "serve", "--host", "127.0.0.1"]
+    command = [sys.executable, "-m", "api.cli", "serve", "--host", "127.0.0.1"]
     command += ["--port", str(port)]
     command += ["--caption-model", str(args.caption_model), "--vqa-model", str(args.vqa_model)]
     with log.open("wb") as out:

@@ -1,6 +1,6 @@
 """Five questions about one image against one question: the feature cache spares the encoder.
 
-Each question is its own `VQAModel.answer` call, as each is its own request to `POST /vqa`. A trial
+Each question is its own `Answerer.answer` call, as each is its own request to `POST /vqa`. A trial
 starts with an empty cache, so the first question always encodes the image; the next four find its
 features by content. The same five questions with the cache cleared before each show what it saves.
 
@@ -26,12 +26,12 @@ from pathlib import Path
 
 import torch
 
+from captioner.data.shapes import make_scene, render
 from captioner.encoder import ENCODERS, EncoderConfig
 from captioner.paths import DEFAULT_VQA_MODEL
-from captioner.shapes import make_scene, render
 from captioner.vocab import Vocabulary
-from captioner.vqa import VQAModel
-from captioner.vqa_model import VQANet
+from captioner.vqa.answerer import Answerer
+from captioner.vqa.net import VQANet
 
 QUESTIONS = [
     "what color is the circle?",
@@ -48,16 +48,16 @@ DEMO_HEAD = dict(
 )
 
 
-def stand_in(encoder_name: str, input_size: int | None) -> VQAModel:
+def stand_in(encoder_name: str, input_size: int | None) -> Answerer:
     vocab = Vocabulary.build(QUESTIONS)
     answers = ["red", "blue", "one", "two", "yes", "no", "circle", "square"]
     size = input_size or (128 if encoder_name == "small_cnn" else 224)
     encoder = EncoderConfig(name=encoder_name, input_size=size)  # weights None: random
     net = VQANet.build(encoder, len(vocab), len(answers), **DEMO_HEAD)
-    return VQAModel(net, vocab, answers, name=f"stand-in ({encoder_name})", version="0")
+    return Answerer(net, vocab, answers, name=f"stand-in ({encoder_name})", version="0")
 
 
-def trial(vqa: VQAModel, image: bytes, questions: list[str], clear_each: bool) -> float:
+def trial(vqa: Answerer, image: bytes, questions: list[str], clear_each: bool) -> float:
     vqa.cache.clear()
     t0 = time.perf_counter()
     for q in questions:
@@ -76,7 +76,7 @@ def main() -> None:
     args = p.parse_args()
     torch.manual_seed(0)
     if args.stand_in is None and Path(args.model, "config.json").is_file():
-        vqa = VQAModel.load(args.model)
+        vqa = Answerer.load(args.model)
     else:
         vqa = stand_in(args.stand_in or "small_cnn", args.input_size)
     buf = io.BytesIO()

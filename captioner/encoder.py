@@ -7,7 +7,6 @@ synthetic data. Classes are built directly; there is no string registry beyond t
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -91,29 +90,6 @@ class Encoder(nn.Module):
         fmap = self.pool(self.blocks(images))  # (B, D, h, w)
         grid = fmap.flatten(2).transpose(1, 2)  # (B, L, D)
         return grid, grid.mean(dim=1)
-
-
-def inference_encoder(encoder: Encoder, compile: bool = False) -> nn.Module:
-    """An eval-only twin of `encoder` mapping images to the pooled feature map (B, D, h, w).
-
-    BatchNorm is folded into the convolutions and weights use channels-last memory (oneDNN's fast
-    path on CPUs, tensor cores on GPUs); `compile=True` adds torch.compile with weight freezing.
-    Feed it `images.contiguous(memory_format=torch.channels_last)`.
-    """
-    import copy
-
-    import torch.fx.experimental.optimization as fx_opt
-
-    body = nn.Sequential(*copy.deepcopy(list(encoder.blocks)), copy.deepcopy(encoder.pool)).eval()
-    with contextlib.suppress(Exception):  # modules fx cannot trace stay unfused
-        body = fx_opt.fuse(body)
-    body = body.to(memory_format=torch.channels_last)
-    if compile:
-        import torch._inductor.config as inductor_config
-
-        inductor_config.freezing = True
-        body = torch.compile(body)
-    return body
 
 
 def _build_blocks(config: EncoderConfig, load_weights: bool) -> tuple[list[nn.Module], int, int]:

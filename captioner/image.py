@@ -2,6 +2,7 @@
 
     image = load_image(upload_bytes)           # RGB, EXIF-rotated, first frame, pixel cap checked
     batch = preprocess_batch([image], 224)     # (B, 3, 224, 224) float32, ImageNet-normalised
+    images = as_images([pil_image, b"...", "photo.jpg"])   # what the models accept, as RGB images
 
 Every failure to decode becomes an `ImageError` (a `ValueError`): `UnreadableImageError` for data
 that is not an image we accept, `ImageTooLargeError` when the pixel cap is exceeded. The cap is
@@ -206,12 +207,13 @@ def preprocess_batch(images: Sequence[Image.Image], size: int) -> torch.Tensor:
     return torch.stack([preprocess(image, size) for image in images])
 
 
-def denormalize(tensor: torch.Tensor) -> torch.Tensor:
-    """Undo the ImageNet normalisation of a `(3, H, W)` or `(B, 3, H, W)` tensor; values in [0, 1]."""
-    if tensor.ndim not in (3, 4) or tensor.shape[-3] != 3:
-        raise ValueError(
-            f"expected a (3, H, W) or (B, 3, H, W) tensor, got shape {tuple(tensor.shape)}"
-        )
-    mean = torch.tensor(IMAGENET_MEAN, dtype=tensor.dtype, device=tensor.device).view(3, 1, 1)
-    std = torch.tensor(IMAGENET_STD, dtype=tensor.dtype, device=tensor.device).view(3, 1, 1)
-    return (tensor * std + mean).clamp(0.0, 1.0)
+ImageInput = Image.Image | bytes | str | os.PathLike  # what the models' caption/answer take
+
+
+def as_images(
+    images: Sequence[ImageInput], max_pixels: int = DEFAULT_MAX_PIXELS
+) -> list[Image.Image]:
+    """PIL images converted to RGB, encoded bytes and paths decoded with `load_image`."""
+    return [
+        to_rgb(im) if isinstance(im, Image.Image) else load_image(im, max_pixels) for im in images
+    ]

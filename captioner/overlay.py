@@ -16,7 +16,7 @@ from numbers import Integral, Real
 import numpy as np
 from PIL import Image
 
-from .image import to_rgb
+from captioner.image import to_rgb
 
 # Viridis (van der Walt and Smith, matplotlib's default colormap) at 0, 1/4, 1/2, 3/4 and 1;
 # linear interpolation between them stays close to the full table.

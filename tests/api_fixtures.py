@@ -18,9 +18,9 @@ from PIL import Image
 from starlette.exceptions import StarletteDeprecationWarning
 
 from api.settings import Settings
-from captioner.pipeline import Captioner
+from captioner.caption.captioner import Captioner
 from captioner.vocab import Vocabulary
-from captioner.vqa import VQAModel, VQANet
+from captioner.vqa.answerer import Answerer, VQANet
 from tests.conftest import TINY_CAPTIONS, tiny_encoder_config, tiny_model
 
 with warnings.catch_warnings():
@@ -61,7 +61,7 @@ def save_tiny_vqa(
         glimpses=glimpses,
         dropout=0.0,
     )
-    model = VQAModel(net, vocab, ANSWERS, name=name, version=version)
+    model = Answerer(net, vocab, ANSWERS, name=name, version=version)
     return model.save(path, training={"data": {"dataset": "tiny"}, "metrics": {"accuracy": 0.1}})
 
 

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from captioner.caption.net import CaptionNet
 from captioner.encoder import EncoderConfig
-from captioner.model import CaptionModel
 from captioner.vocab import Vocabulary
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -30,12 +30,12 @@ def tiny_encoder_config(**overrides) -> EncoderConfig:
     return EncoderConfig(**args)
 
 
-def tiny_model(vocab_size: int = 30, seed: int = 0, **decoder_args) -> CaptionModel:
+def tiny_model(vocab_size: int = 30, seed: int = 0, **decoder_args) -> CaptionNet:
     torch.manual_seed(seed)
     args = dict(embed_dim=16, hidden_dim=24, attention_dim=12, dropout=0.0)
     args.update(decoder_args)
     encoder_args = args.pop("encoder", {})
-    return CaptionModel.build(tiny_encoder_config(**encoder_args), vocab_size=vocab_size, **args)
+    return CaptionNet.build(tiny_encoder_config(**encoder_args), vocab_size=vocab_size, **args)
 
 
 @pytest.fixture
@@ -45,7 +45,7 @@ def vocab() -> Vocabulary:
 
 @pytest.fixture
 def captioner(vocab):
-    from captioner.pipeline import Captioner
+    from captioner.caption.captioner import Captioner
 
     return Captioner(tiny_model(len(vocab)), vocab, name="tiny", version="1")
 

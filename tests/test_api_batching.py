@@ -11,7 +11,7 @@ import pytest
 
 from api.app import create_app
 from api.batching import BatcherClosedError, MicroBatcher, QueueFullError
-from captioner.pipeline import Captioner
+from captioner.caption.captioner import Captioner
 from tests.api_fixtures import (
     TestClient,
     assert_error,

@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 from api.app import create_app
-from captioner.pipeline import Captioner
+from captioner.caption.captioner import Captioner
 from tests.api_fixtures import (
     GRID,
     TestClient,
@@ -23,7 +23,7 @@ from tests.api_fixtures import (
     upload,
 )
 
-CAPTION_FIELDS = {"caption", "tokens", "token_logprobs", "attention", "model"}
+CAPTION_FIELDS = {"caption", "tokens", "token_logprobs", "score", "attention", "model"}
 
 
 @pytest.fixture(scope="module")

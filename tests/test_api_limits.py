@@ -98,7 +98,14 @@ ODD_IMAGES = {
 def test_odd_but_valid_images(client, name):
     response = caption(client, ODD_IMAGES[name](), name, "?max_length=3&attention=png")
     assert response.status_code == 200, response.text
-    assert set(response.json()) == {"caption", "tokens", "token_logprobs", "attention", "model"}
+    assert set(response.json()) == {
+        "caption",
+        "tokens",
+        "token_logprobs",
+        "score",
+        "attention",
+        "model",
+    }
 
 
 def test_exif_rotation_is_applied_to_overlays(client):

@@ -4,7 +4,7 @@ Every operation gets schema-driven requests, valid and invalid: schemathesis's c
 (boundary values, missing fields, wrong types, other methods) and its fuzzing phase (EXAMPLES
 cases), derandomized. Each response must be documented (status code, content type, body schema;
 schemathesis's checks) and never a 5xx, and a request that fits the schema must get its exact
-status (`tests.api_fuzz.expected_status`): 200 when its uploads are real images (most of them in
+status (`bench/api_fuzz.py expected_status`): 200 when its uploads are real images (most of them in
 the fuzzing phase), else the 413/415/422 that the DESIGN names for the reason.
 
 The API key variant fuzzes the operations behind the key with the key configured; schemathesis's
@@ -22,8 +22,7 @@ import pytest
 from hypothesis import HealthCheck, settings
 
 from api.app import create_app
-from tests.api_fixtures import save_tiny_captioner, save_tiny_vqa
-from tests.api_fuzz import (
+from bench.api_fuzz import (
     KEY,
     KEYED_EXCLUDED,
     KEYED_HEADERS,
@@ -32,6 +31,7 @@ from tests.api_fuzz import (
     load_schema,
     problems,
 )
+from tests.api_fixtures import save_tiny_captioner, save_tiny_vqa
 
 EXAMPLES = 25  # per operation in the fuzzing phase; the coverage phase adds its own cases
 FUZZ = settings(deadline=None, suppress_health_check=[HealthCheck.too_slow])

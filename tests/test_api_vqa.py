@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import io
+import re
 
 import numpy as np
 import pytest
@@ -11,7 +12,7 @@ import torch
 from PIL import Image
 
 from api.app import create_app
-from captioner.vqa import VQAModel
+from captioner.vqa.answerer import Answerer
 from tests.api_fixtures import (
     ANSWERS,
     GRID,
@@ -42,10 +43,19 @@ def ask(client, question, data=None, query=""):
 
 
 def cache_counts(client) -> tuple[float, float]:
-    metrics = client.app.state.metrics
-    hits = metrics.cache_hits.labels("vqa")._value.get()
-    misses = metrics.cache_misses.labels("vqa")._value.get()
-    return hits, misses
+    """The feature cache's hits and misses, as GET /metrics reports them."""
+    text = client.get("/metrics").text
+    counts = [
+        float(m.group(1))
+        for name in ("hits", "misses")
+        if (
+            m := re.search(
+                rf'^captioner_feature_cache_{name}_total{{model="vqa"}} (\S+)$', text, re.M
+            )
+        )
+    ]
+    assert len(counts) == 2, text
+    return counts[0], counts[1]
 
 
 def test_vqa_fields(client):
@@ -67,7 +77,7 @@ def test_vqa_fields(client):
 def test_vqa_matches_the_library(client, model_dir):
     data = png(2)
     body = ask(client, "is there a square?", data, "?top_k=5").json()
-    [expected] = VQAModel.load(model_dir).answer([data], ["is there a square?"], top_k=5)
+    [expected] = Answerer.load(model_dir).answer([data], ["is there a square?"], top_k=5)
     assert body["answer"] == expected.answer
     assert [a["answer"] for a in body["top_answers"]] == [a for a, _ in expected.top_answers]
     np.testing.assert_allclose(body["confidence"], expected.confidence, atol=1e-5)
@@ -160,7 +170,7 @@ def test_vqa_on_cuda_matches_cpu(model_dir):
     with TestClient(create_app(settings(vqa_model=model_dir, device="cuda"))) as client:
         first = ask(client, "what color is the circle?", data).json()
         cached = ask(client, "what color is the circle?", data).json()  # features from the cache
-    [expected] = VQAModel.load(model_dir).answer([data], ["what color is the circle?"])
+    [expected] = Answerer.load(model_dir).answer([data], ["what color is the circle?"])
     for body in (first, cached):
         assert body["answer"] == expected.answer
         np.testing.assert_allclose(body["confidence"], expected.confidence, atol=1e-4)

@@ -14,9 +14,9 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+from captioner.caption.captioner import Captioner
+from captioner.data.shapes import generate_split, render
 from captioner.paths import REPO_ROOT
-from captioner.pipeline import Captioner
-from captioner.shapes import generate_split, render
 from captioner.vocab import Vocabulary
 from tests.conftest import tiny_model
 from training import caption_folder

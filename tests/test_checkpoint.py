@@ -6,8 +6,8 @@ import sys
 import pytest
 import torch
 
+from captioner.caption.captioner import Captioner
 from captioner.checkpoint import ModelDirError, load_model_dir, load_tensors, save_model_dir
-from captioner.pipeline import Captioner
 from tests.api_fixtures import save_tiny_captioner, save_tiny_vqa
 
 
@@ -131,10 +131,10 @@ def test_loading_does_not_import_torch_dynamo(tmp_path):
     save_tiny_vqa(tmp_path / "vqa")
     code = (
         "import sys\n"
-        "from captioner.pipeline import Captioner\n"
-        "from captioner.vqa import VQAModel\n"
+        "from captioner.caption.captioner import Captioner\n"
+        "from captioner.vqa.answerer import Answerer\n"
         f"Captioner.load({str(tmp_path / 'cap')!r})\n"
-        f"VQAModel.load({str(tmp_path / 'vqa')!r})\n"
+        f"Answerer.load({str(tmp_path / 'vqa')!r})\n"
         "print(sorted(m for m in ('torch._dynamo', 'sympy') if m in sys.modules))\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

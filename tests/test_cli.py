@@ -1,6 +1,6 @@
 import json
 
-from captioner.cli import main
+from api.cli import main
 from tests.test_checkpoint import _images
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from captioner.pipeline import Captioner
+from captioner.caption.captioner import Captioner
 from training import caption_folder, evaluate, train_captioner
 
 COCO_MINI = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "coco-mini"

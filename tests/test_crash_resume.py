@@ -31,10 +31,10 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
+from captioner.caption.captioner import Captioner
 from captioner.checkpoint import load_model_dir, recover_model_dir
+from captioner.data.shapes import generate_split, render
 from captioner.paths import REPO_ROOT
-from captioner.pipeline import Captioner
-from captioner.shapes import generate_split, render
 from captioner.vocab import Vocabulary
 from tests.api_fixtures import png, save_tiny_captioner
 from tests.conftest import tiny_model
@@ -459,7 +459,7 @@ def test_service_killed_with_requests_in_flight_restarts_and_leaves_the_model_al
     port = _free_port()
     base = f"http://127.0.0.1:{port}"
     serve = Path(sys.executable).with_name("captioner")
-    cmd = [str(serve)] if serve.exists() else [sys.executable, "-m", "captioner.cli"]
+    cmd = [str(serve)] if serve.exists() else [sys.executable, "-m", "api.cli"]
     cmd += ["serve", "--host", "127.0.0.1", "--port", str(port)]
     cmd += ["--caption-model", str(model), "--vqa-model", ""]
     for k in range(KILLS + 1):

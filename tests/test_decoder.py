@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from captioner.decoder import DecoderConfig
+from captioner.caption.decoder import DecoderConfig
 from tests.conftest import tiny_model
 
 CAPS = torch.tensor([[1, 5, 6, 7, 2, 0], [1, 8, 2, 0, 0, 0], [1, 9, 10, 11, 12, 2]])

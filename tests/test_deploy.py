@@ -19,9 +19,9 @@ import pytest
 import yaml
 
 from api.app import create_app
+from api.cli import get_args_parser
 from api.settings import Settings
-from captioner.cli import get_args_parser
-from captioner.pipeline import Captioner
+from captioner.caption.captioner import Captioner
 from captioner.vocab import Vocabulary
 from tests.conftest import TINY_CAPTIONS, tiny_model
 from tests.test_web_page import serving

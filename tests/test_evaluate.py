@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from captioner.pipeline import Captioner
-from captioner.shapes import generate_split
+from captioner.caption.captioner import Captioner
+from captioner.data.shapes import generate_split
 from captioner.vocab import Vocabulary
 from tests.conftest import tiny_model
 from training import evaluate

@@ -6,7 +6,7 @@ import pytest
 from PIL import Image
 from pycocotools.coco import COCO
 
-from captioner.shapes import RGB, decode_mask, generate_split, score_caption
+from captioner.data.shapes import RGB, decode_mask, generate_split, score_caption
 from training.make_shapes import SPLITS, get_args_parser, main, write_split
 
 JSON_FILES = ("captions.json", "questions.json", "annotations.json", "objects.json")

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from captioner.search import beam_search, greedy, length_penalty_factor, sample
+from captioner.caption.search import beam_search, greedy, length_penalty_factor, sample
 from captioner.vocab import Vocabulary
 from tests.conftest import tiny_model
 

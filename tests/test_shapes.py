@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from pycocoevalcap.bleu.bleu import Bleu
 
-from captioner.shapes import (
+from captioner.data.shapes import (
     COLOUR_WORDS,
     COLOURS,
     MAX_CAPTION_TOKENS,

@@ -6,8 +6,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from captioner.pipeline import Captioner
-from captioner.shapes import generate_split
+from captioner.caption.captioner import Captioner
+from captioner.data.shapes import generate_split
 from tests.conftest import run_torchrun
 from training.make_shapes import write_split
 from training.train_captioner import get_args_parser, main

@@ -8,8 +8,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from captioner.shapes import generate_split
-from captioner.vqa import VQAModel
+from captioner.data.shapes import generate_split
+from captioner.data.vqa import load_split, prepare
+from captioner.evaluation.answers import annotations_of
+from captioner.vqa.answerer import Answerer
 from tests.conftest import run_torchrun
 from training import evaluate_vqa, train_vqa
 from training.make_shapes import write_split
@@ -46,7 +48,7 @@ def test_training_writes_run_folder_and_resume_continues_the_step_count(shapes, 
     assert training["command"].startswith("python -m training.train_vqa --data")
     assert training["data"]["train_images"] == 24 and training["data"]["skipped_missing_image"] == 0
     assert {p.name for p in (out / "last").iterdir()} >= {"optimizer.safetensors", "trainer.json"}
-    vqa = VQAModel.load(out / "best")
+    vqa = Answerer.load(out / "best")
     image = next((shapes / "val" / "images").iterdir())
     [result] = vqa.answer([image], ["how many objects are there?"])
     assert result.answer in vqa.answers
@@ -78,7 +80,7 @@ def test_baseline_and_no_validation(shapes, tmp_path):
     argv = ["--data", str(shapes), "--out", str(out), "--epochs", "1", "--no-attention", *TINY]
     result = _run([*argv, "--val-split", "none", "--cell", "gru"])
     assert result["metrics"] == {}
-    meta = VQAModel.load(out / "best").metadata()
+    meta = Answerer.load(out / "best").metadata()
     assert meta["attention"] is False and meta["question_encoder"] == "gru"
 
 
@@ -108,12 +110,12 @@ def test_evaluate_writes_the_metrics(shapes, tmp_path):
 
 def test_predictions_score_one_when_every_answer_is_right(shapes):
     """The scoring path itself: feeding the ground truth through evaluate() gives accuracy 1."""
-    split = train_vqa.load_split(shapes, "val")
-    data = evaluate_vqa.prepare(split, 32)
+    split = load_split(shapes, "val")
+    data = prepare(split, 32)
     truth = {item.question_id: item.multiple_choice_answer for item in data.split.items}
-    from captioner.vqa_metric import evaluate
+    from captioner.evaluation.vqa_accuracy import evaluate
 
-    assert evaluate(truth, evaluate_vqa.annotations_of(data.split))["accuracy"] == 1.0
+    assert evaluate(truth, annotations_of(data.split))["accuracy"] == 1.0
     assert sum(map(len, data.by_image)) == len(data.split.items) == len(split.items)
 
 
@@ -148,11 +150,11 @@ def test_two_cpu_processes_under_torchrun_end_with_identical_weights(shapes, tmp
 def test_init_encoder_copies_another_models_cnn_and_refuses_a_different_one(shapes, tmp_path):
     first = tmp_path / "first"
     _run(["--data", str(shapes), "--out", str(first), "--epochs", "1", *TINY])
-    source = VQAModel.load(first / "best").model.encoder.state_dict()
+    source = Answerer.load(first / "best").model.encoder.state_dict()
     out = tmp_path / "second"
     argv = ["--data", str(shapes), "--out", str(out), "--epochs", "1", *TINY]
     _run([*argv, "--init-encoder", str(first / "best"), "--fine-tune-blocks", "0"])
-    trained = VQAModel.load(out / "best")
+    trained = Answerer.load(out / "best")
     for name, tensor in trained.model.encoder.state_dict().items():  # frozen: still the source's
         assert torch.equal(tensor, source[name]), name
     assert trained.training["encoder_init"]["folder"] == str(first / "best")

@@ -25,10 +25,10 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from api.app import create_app
+from captioner.caption.captioner import Captioner
 from captioner.checkpoint import MAX_JSON_BYTES, MAX_JSON_DEPTH, ModelDirError
 from captioner.encoder import Encoder, EncoderConfig, load_state_dict_file
-from captioner.pipeline import Captioner
-from captioner.vqa import VQAModel
+from captioner.vqa.answerer import Answerer
 from tests.api_fixtures import (
     TestClient,
     assert_error,
@@ -40,7 +40,7 @@ from tests.api_fixtures import (
     settings,
 )
 
-LOADERS = {"captioner": Captioner.load, "vqa": VQAModel.load}
+LOADERS = {"captioner": Captioner.load, "vqa": Answerer.load}
 
 
 class Payload:

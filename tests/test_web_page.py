@@ -27,8 +27,8 @@ from PIL import Image
 
 from api.app import create_app
 from api.settings import Settings
-from captioner.pipeline import Captioner
-from captioner.shapes import make_scene, render
+from captioner.caption.captioner import Captioner
+from captioner.data.shapes import make_scene, render
 from captioner.vocab import Vocabulary
 from tests.conftest import TINY_CAPTIONS, tiny_encoder_config, tiny_model
 
@@ -65,7 +65,7 @@ def save_captioner(path: Path, attention: bool = True, seed: int = 0) -> Path:
 def save_vqa(path: Path) -> tuple[Path | None, str]:
     """A tiny VQA model folder, or (None, why not) while the VQA side is unavailable."""
     try:
-        from captioner.vqa import VQAModel, VQANet
+        from captioner.vqa.answerer import Answerer, VQANet
 
         torch.manual_seed(0)
         vocab = Vocabulary.build(QUESTIONS)
@@ -79,10 +79,10 @@ def save_vqa(path: Path) -> tuple[Path | None, str]:
             fusion_dim=16,
             dropout=0.0,
         )
-        model = VQAModel(net, vocab, ANSWERS, name="tiny-vqa", version="1")
+        model = Answerer(net, vocab, ANSWERS, name="tiny-vqa", version="1")
         return model.save(path, training={"data": {"dataset": "tiny"}}), ""
     except (ImportError, TypeError, ValueError) as exc:
-        return None, f"no tiny VQA model could be built with captioner.vqa: {exc}"
+        return None, f"no tiny VQA model could be built with captioner.vqa.answerer: {exc}"
 
 
 @contextmanager

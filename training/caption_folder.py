@@ -42,17 +42,18 @@ import torch
 import torch.distributed as dist
 from PIL import Image, ImageDraw, ImageFont
 
-from captioner.datasets import list_images
+from captioner.caption.captioner import Captioner
+from captioner.data.images import list_images
 from captioner.image import ImageError, load_image
 from captioner.overlay import attention_overlay
 from captioner.paths import DEFAULT_CAPTION_MODEL
-from captioner.pipeline import Captioner, CaptionResult
+from captioner.progress import progress
+from captioner.results import CaptionResult
 from training.common import (
     Dist,
     barrier,
     batches,
     cleanup_distributed,
-    progress,
     setup_distributed,
     write_json_atomic,
     write_text_atomic,
@@ -274,7 +275,11 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     d = setup_distributed(args.device)
     try:
         captioner = Captioner.load(args.model, device=d.device)
-        if args.overlays is not None and not captioner.model.decoder.config.attention and d.is_main:
+        if (
+            args.overlays is not None
+            and not captioner.model.decoder.config.attention
+            and d.is_main
+        ):
             print("caption_folder: the model has no attention; no overlays", file=sys.stderr)
         if d.is_main:
             consolidate(out, retry_errors=args.retry_errors)

@@ -67,14 +67,6 @@ def cleanup_distributed() -> None:
         dist.destroy_process_group()
 
 
-def all_reduce_mean(value: float, d: Dist) -> float:
-    if not d.enabled:
-        return value
-    t = torch.tensor([value], dtype=torch.float64, device=d.device)
-    dist.all_reduce(t)
-    return float(t) / d.world_size
-
-
 def barrier(d: Dist) -> None:
     if d.enabled:
         dist.barrier()
@@ -270,14 +262,6 @@ class EarlyStopping:
 
     def state(self) -> dict[str, float | int]:
         return {"best": self.best, "bad": self.bad}
-
-
-def progress(iterable: Iterable, total: int | None = None, desc: str = "", enabled: bool = True):
-    from tqdm import tqdm
-
-    return tqdm(
-        iterable, total=total, desc=desc, disable=not enabled, dynamic_ncols=True, leave=False
-    )
 
 
 # -- resume ------------------------------------------------------------------------------------

@@ -20,95 +20,13 @@ import argparse
 import json
 import sys
 import time
-from pathlib import Path
 from typing import Any
 
-from captioner.datasets import CaptionSet, load_coco_captions
-from captioner.image import ImageError, load_image
-from captioner.metrics import (
-    COCO_METRICS,
-    SPICE_NOTE,
-    coco_scores,
-    grounding,
-    java_available,
-    leave_one_out,
-    object_scene_accuracy,
-)
-from captioner.pipeline import Captioner, CaptionResult
-from training.common import batches, progress, write_json_atomic
-
-
-def caption_split(
-    captioner: Captioner,
-    data: CaptionSet,
-    beam_size: int = 3,
-    max_length: int = 20,
-    batch_size: int = 32,
-    show_progress: bool = False,
-) -> tuple[dict[int, CaptionResult], list[str]]:
-    """Caption every image of `data` with the batched beam search, decoding images a batch at a
-    time. Returns image id -> result, and "path: reason" for the images that did not decode."""
-    if batch_size < 1:
-        raise ValueError(f"batch size must be >= 1, got {batch_size}")
-    results: dict[int, CaptionResult] = {}
-    unreadable: list[str] = []
-    steps = (len(data.records) + batch_size - 1) // batch_size
-    for idx in progress(
-        batches(list(range(len(data))), batch_size), steps, "caption", show_progress
-    ):
-        records, images = [], []
-        for i in idx:
-            record = data.records[i]
-            try:
-                images.append(load_image(record.path))
-            except ImageError as exc:
-                unreadable.append(f"{record.path}: {exc}")
-                continue
-            records.append(record)
-        outputs = captioner.caption(images, beam_size=beam_size, max_length=max_length)
-        for record, result in zip(records, outputs, strict=True):
-            results[record.image_id] = result
-    return results, unreadable
-
-
-def read_objects(path: str | Path) -> dict[int, list[dict[str, Any]]]:
-    """objects.json of the shapes world: image id -> its objects (shape, color, size, mask, ...)."""
-    path = Path(path)
-    if not path.is_file():
-        raise ValueError(f"objects file not found: {path}")
-    try:
-        images = json.loads(path.read_text(encoding="utf-8"))["images"]
-        return {int(im["image_id"]): im["objects"] for im in images}
-    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
-        raise ValueError(f"{path} is not a shapes objects.json: {exc}") from exc
-
-
-def score(
-    captioner: Captioner,
-    results: dict[int, CaptionResult],
-    references: dict[int, list[str]],
-    objects: dict[int, list[dict[str, Any]]] | None = None,
-    meteor: bool = True,
-    ptb_tokenize: bool = True,
-) -> dict[str, Any]:
-    """Every figure of METRICS.json that depends on the captions."""
-    candidates = {k: r.caption for k, r in results.items()}
-    scores = coco_scores(references, candidates, meteor=meteor, ptb_tokenize=ptb_tokenize)
-    metrics: dict[str, Any] = {k: scores.get(k) for k in COCO_METRICS}  # METEOR None if skipped
-    loo = leave_one_out({k: references[k] for k in candidates}, ptb_tokenize=ptb_tokenize)
-    metrics.update(ref_loo_Bleu_4=loo["Bleu_4"], ref_loo_CIDEr=loo["CIDEr"])
-    if objects is not None:
-        missing = [k for k in candidates if k not in objects]
-        if missing:
-            raise ValueError(
-                f"{len(missing)} image(s) have no entry in --objects, e.g. {missing[0]}"
-            )
-        if captioner.model.decoder.config.attention:
-            metrics.update(grounding(results, objects, captioner.model.grid_hw))
-        else:  # nothing to ground: the decoder never attends
-            metrics.update(grounding=None, grounding_uniform=None, grounded_words=None)
-        metrics.update(object_scene_accuracy(candidates, objects))
-    return metrics
+from captioner.caption.captioner import Captioner
+from captioner.data.captions import CaptionSet, load_coco_captions
+from captioner.evaluation.captions import caption_split, read_objects, score
+from captioner.evaluation.coco import SPICE_NOTE, java_available
+from training.common import write_json_atomic
 
 
 def get_args_parser() -> argparse.ArgumentParser:

@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from captioner.shapes import (
+from captioner.data.shapes import (
     Scene,
     ShapeObject,
     derive_seed,
@@ -156,7 +156,7 @@ def write_split(
             path.unlink()
 
     size = scenes[0].size if scenes else None
-    info = {"description": "shapes world (captioner.shapes)", "version": "1.0", "split": split}
+    info = {"description": "shapes world (captioner.data.shapes)", "version": "1.0", "split": split}
     info.update(seed=seed, split_seed=None if seed is None else split_seed(seed, split))
     info.update(image_size=size, images=len(scenes))
     images = [

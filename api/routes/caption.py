@@ -5,12 +5,10 @@ from __future__ import annotations
 from typing import Annotated, Any
 
 from fastapi import APIRouter, File, HTTPException, Query, Request, UploadFile
-from PIL import Image
 from starlette.concurrency import run_in_threadpool
 
-from captioner.pipeline import CaptionResult
+from captioner.results import AttentionFormat
 
-from ..attention import AttentionFormat, attention_payload
 from ..deps import ApiKeyDep, CaptionerDep, SettingsDep
 from ..schemas import ERRORS, CaptionBatchResponse, CaptionResponse
 from ..uploads import decoded_upload, with_timeout
@@ -23,18 +21,6 @@ AttentionQuery = Annotated[
     AttentionFormat,
     Query(description="none; grid: [T][h][w] weights; png: T base64 heatmaps over the image"),
 ]
-
-
-def caption_body(
-    result: CaptionResult, image: Image.Image, attention: AttentionFormat, model: dict[str, str]
-) -> dict[str, Any]:
-    return {
-        "caption": result.caption,
-        "tokens": result.tokens,
-        "token_logprobs": result.token_logprobs,
-        "attention": attention_payload(attention, result.attention, image),
-        "model": model,
-    }
 
 
 @router.post("/caption", response_model=CaptionResponse, summary="Caption one image")
@@ -53,9 +39,7 @@ async def caption(
         )
         [(result, batch_size)] = await service.caption([decoded.pixels], beam_size, max_length)
         request.state.log_fields["batch_size"] = batch_size
-        return await run_in_threadpool(
-            caption_body, result, decoded.image, attention, service.model_ref()
-        )
+        return await run_in_threadpool(result.to_dict, attention, decoded.image)
 
     return await with_timeout(work(), settings.request_timeout_s)
 
@@ -96,11 +80,10 @@ async def caption_batch(
         request.state.log_fields.update(
             images=len(decoded), batch_size=max(size for _, size in outcomes)
         )
-        model = service.model_ref()
 
         def bodies() -> list[dict[str, Any]]:
             return [
-                caption_body(result, d.image, attention, model)
+                result.to_dict(attention, d.image)
                 for (result, _), d in zip(outcomes, decoded, strict=True)
             ]
 

@@ -1,6 +1,6 @@
 """`GET /samples/scene` and `GET /samples/scene.png`: generated shapes-world scenes for the web page.
 
-A scene is fully determined by its seed (`captioner.shapes.make_scene`), so the page can offer
+A scene is fully determined by its seed (`captioner.data.shapes.make_scene`), so the page can offer
 "a random sample scene" together with the scene's reference captions and questions, which the
 demo models were trained on. No model is involved: these routes stay open when an API key is set.
 """
@@ -15,7 +15,7 @@ from fastapi.responses import Response
 from pydantic import BaseModel
 from starlette.concurrency import run_in_threadpool
 
-from captioner.shapes import make_scene, render
+from captioner.data.shapes import make_scene, render
 
 from ..schemas import ERRORS
 

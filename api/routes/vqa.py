@@ -8,9 +8,9 @@ from fastapi import APIRouter, File, Form, Query, Request, UploadFile
 from pydantic import AfterValidator
 from starlette.concurrency import run_in_threadpool
 
+from captioner.results import AttentionFormat
 from captioner.vocab import tokenize
 
-from ..attention import AttentionFormat, attention_payload
 from ..deps import ApiKeyDep, SettingsDep, VQADep
 from ..schemas import ERRORS, VQAResponse
 from ..uploads import decoded_upload, with_timeout
@@ -47,21 +47,8 @@ async def vqa(
         decoded = await decoded_upload(
             image, settings.max_upload_bytes, settings.max_pixels, service.input_size
         )
-        key = service.cache_key(decoded.digest)
-        result, batch_size = await service.answer(key, decoded.pixels, question, top_k)
+        result, batch_size = await service.answer(decoded.data, decoded.pixels, question, top_k)
         request.state.log_fields["batch_size"] = batch_size
-        maps = await run_in_threadpool(
-            attention_payload, attention, result.attention, decoded.image
-        )
-        return {
-            "question": question,
-            "answer": result.answer,
-            "confidence": float(result.confidence),
-            "top_answers": [
-                {"answer": answer, "probability": float(p)} for answer, p in result.top_answers
-            ],
-            "attention": maps,
-            "model": service.model_ref(),
-        }
+        return await run_in_threadpool(result.to_dict, attention, decoded.image)
 
     return await with_timeout(work(), settings.request_timeout_s)

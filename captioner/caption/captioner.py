@@ -1,4 +1,5 @@
-"""`Captioner`: a loaded captioning model folder with a plain `caption(images)` API.
+"""`Captioner`: a loaded captioning model folder (a `CaptionNet` and its vocabulary) with a plain
+`caption(images)` API.
 
 Used alike by the CLI, the service and the scripts:
 
@@ -9,59 +10,26 @@ Used alike by the CLI, the service and the scripts:
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
-from PIL import Image
 
-from .checkpoint import ModelDirError, build_checked, load_model_dir, save_model_dir
-from .decoder import DecoderConfig
-from .encoder import EncoderConfig
-from .image import DEFAULT_MAX_PIXELS, load_image, preprocess_batch, to_rgb
-from .model import CaptionModel
-from .search import Hypothesis, beam_search, greedy, sample
-from .vocab import Vocabulary
-
-ImageInput = Image.Image | bytes | str | os.PathLike
-
-
-@dataclass
-class CaptionResult:
-    caption: str
-    tokens: list[str]
-    token_logprobs: list[float]
-    score: float
-    attention: np.ndarray | None  # (len(tokens), h, w), each map sums to 1; None without attention
-
-    def to_dict(self, attention: bool = True) -> dict[str, Any]:
-        return {
-            "caption": self.caption,
-            "tokens": self.tokens,
-            "token_logprobs": self.token_logprobs,
-            "score": self.score,
-            "attention": (
-                self.attention.tolist() if attention and self.attention is not None else None
-            ),
-        }
-
-
-def as_images(
-    images: Sequence[ImageInput], max_pixels: int = DEFAULT_MAX_PIXELS
-) -> list[Image.Image]:
-    return [
-        to_rgb(im) if isinstance(im, Image.Image) else load_image(im, max_pixels) for im in images
-    ]
+from captioner.caption.decoder import DecoderConfig
+from captioner.caption.net import CaptionNet
+from captioner.caption.search import Hypothesis, beam_search, greedy, sample
+from captioner.checkpoint import ModelDirError, build_checked, load_model_dir, save_model_dir
+from captioner.encoder import EncoderConfig
+from captioner.image import ImageInput, as_images, preprocess_batch
+from captioner.results import CaptionResult
+from captioner.vocab import Vocabulary
 
 
 class Captioner:
     def __init__(
         self,
-        model: CaptionModel,
+        model: CaptionNet,
         vocab: Vocabulary,
         name: str = "captioner",
         version: str = "0",
@@ -88,7 +56,7 @@ class Captioner:
             vocab = Vocabulary.from_json(side["vocab.json"])
             # Built only from model.safetensors: the encoder's `weights` path is ignored here.
             model = build_checked(
-                lambda: CaptionModel(encoder_config, decoder_config, load_weights=False),
+                lambda: CaptionNet(encoder_config, decoder_config, load_weights=False),
                 weights,
                 path,
             )
@@ -116,9 +84,15 @@ class Captioner:
             "decoder": self.model.decoder.config.to_dict(),
         }
 
+    def files(self, training: dict | None = None) -> dict[str, Any]:
+        """The side JSON files of a model folder."""
+        return {
+            "vocab.json": self.vocab.to_json(),
+            "training.json": training if training is not None else self.training,
+        }
+
     def save(self, path: str | Path, training: dict | None = None) -> Path:
-        files = {"vocab.json": self.vocab.to_json(), "training.json": training or self.training}
-        return save_model_dir(path, self.config(), self.model.state_dict(), files)
+        return save_model_dir(path, self.config(), self.model.state_dict(), self.files(training))
 
     def metadata(self) -> dict[str, Any]:
         enc, dec = self.model.encoder.config, self.model.decoder.config
@@ -216,4 +190,5 @@ class Captioner:
             token_logprobs=[float(x) for x in hyp.token_logprobs],
             score=float(hyp.score),
             attention=attention,
+            model={"name": self.name, "version": self.version},
         )

@@ -1,59 +1,43 @@
-"""`VQAModel`: a loaded VQA model folder with a plain `answer(images, questions)` API.
+"""`Answerer`: a loaded VQA model folder (a `VQANet`, its question vocabulary and answers) with a
+plain `answer(images, questions)` API.
 
 Used alike by the CLI, the service and the scripts:
 
-    vqa = VQAModel.load("models/shapes-vqa")
+    vqa = Answerer.load("models/shapes-vqa")
     [result] = vqa.answer(["scene.png"], ["what color is the circle?"], top_k=3)
     result.answer, result.confidence, result.top_answers, result.attention  # (G, h, w) or None
 
-Encoded images and paths go through a feature cache keyed by their bytes, so several questions
-about one image cost one encoder pass. The network itself lives in `captioner.vqa_model`.
+The answerer owns the one feature cache: encoded images and paths are looked up by
+`image_key(their bytes)`, so several questions about one image cost one encoder pass, whether
+they come through `answer` or through the service (`image_memory`).
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from PIL import Image
 
-from .checkpoint import ModelDirError, build_checked, load_model_dir, save_model_dir
-from .encoder import EncoderConfig
-from .feature_cache import FeatureCache, key_for
-from .image import DEFAULT_MAX_PIXELS, UnreadableImageError, load_image, preprocess_batch
-from .paths import DEFAULT_VQA_MODEL
-from .pipeline import as_images
-from .vocab import Vocabulary
-from .vqa_model import VQAConfig, VQANet
+from captioner.checkpoint import ModelDirError, build_checked, load_model_dir, save_model_dir
+from captioner.encoder import EncoderConfig
+from captioner.image import (
+    DEFAULT_MAX_PIXELS,
+    ImageInput,
+    UnreadableImageError,
+    as_images,
+    preprocess,
+    preprocess_batch,
+)
+from captioner.results import AnswerResult
+from captioner.vocab import Vocabulary
+from captioner.vqa.cache import FeatureCache, key_for
+from captioner.vqa.net import VQAConfig, VQANet
 
-__all__ = ["AnswerResult", "VQAConfig", "VQAModel", "VQANet", "ask", "encode_questions"]
-
-ImageInput = Image.Image | bytes | str | os.PathLike
 ANSWERS, QUESTION_VOCAB = "answers.json", "question_vocab.json"
-
-
-@dataclass
-class AnswerResult:
-    answer: str
-    confidence: float
-    top_answers: list[tuple[str, float]]
-    attention: np.ndarray | None  # (G, h, w), each glimpse's map sums to 1; None without attention
-
-    def to_dict(self, attention: bool = True) -> dict[str, Any]:
-        maps = self.attention if attention else None
-        return {
-            "answer": self.answer,
-            "confidence": self.confidence,
-            "top_answers": [{"answer": a, "probability": p} for a, p in self.top_answers],
-            "attention": None
-            if maps is None
-            else {"height": maps.shape[1], "width": maps.shape[2], "maps": maps.tolist()},
-        }
 
 
 def encode_questions(
@@ -77,7 +61,7 @@ def encode_questions(
     return out
 
 
-class VQAModel:
+class Answerer:
     def __init__(
         self,
         model: VQANet,
@@ -110,7 +94,7 @@ class VQAModel:
     @classmethod
     def load(
         cls, path: str | Path, device: str | torch.device = "cpu", cache_size: int = 256
-    ) -> VQAModel:
+    ) -> Answerer:
         config, weights, side = load_model_dir(path, "vqa", required=(ANSWERS, QUESTION_VOCAB))
         try:
             encoder_config = EncoderConfig(**config["encoder"])
@@ -201,30 +185,40 @@ class VQAModel:
 
     @torch.inference_mode()
     def answer_features(
-        self, features: torch.Tensor, questions: Sequence[str], top_k: int = 3
+        self,
+        features: torch.Tensor,
+        questions: Sequence[str],
+        top_k: int = 3,
+        image_index: Sequence[int] | None = None,
     ) -> list[AnswerResult]:
-        """One question per row of `features` (B, L, M) from `encode`; results in order."""
-        if len(questions) != len(features):
+        """Answers about image memory `features` (B, L, M) from `encode`, in question order:
+        question q is about row `image_index[q]` (default: one question per row)."""
+        if image_index is None and len(questions) != len(features):
             raise ValueError(f"got {len(questions)} questions for {len(features)} images")
+        if image_index is not None and len(image_index) != len(questions):
+            raise ValueError(f"got {len(image_index)} image indices for {len(questions)} questions")
         if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
             raise ValueError(f"top_k must be an int >= 1, got {top_k!r}")
         if len(questions) == 0:
             return []
         ids = encode_questions(questions, self.question_vocab).to(self.device)
-        logits, alpha = self.model.head_prepared(features.to(self.device), ids)
+        index = None if image_index is None else torch.as_tensor(image_index, device=self.device)
+        logits, alpha = self.model.head_prepared(features.to(self.device), ids, index)
         probs = torch.softmax(logits.float(), dim=1).cpu()
         top_p, top_i = probs.topk(min(top_k, len(self.answers)), dim=1)
         h, w = self.grid_hw
         maps = None if alpha is None else alpha.float().cpu().numpy().reshape(len(ids), -1, h, w)
-        results = []
+        results, model = [], {"name": self.name, "version": self.version}
         for k in range(len(ids)):
             top = [(self.answers[int(i)], float(p)) for p, i in zip(top_p[k], top_i[k])]
             results.append(
                 AnswerResult(
+                    question=questions[k],
                     answer=top[0][0],
                     confidence=top[0][1],
                     top_answers=top,
                     attention=None if maps is None else maps[k],
+                    model=model,
                 )
             )
         return results
@@ -247,37 +241,57 @@ class VQAModel:
             return []
         return self.answer_features(self.features_for(images, max_pixels), questions, top_k)
 
+    def image_key(self, data: bytes) -> str:
+        """The feature cache key of an encoded image: its bytes and this model's name and version."""
+        return key_for(data, self.name, self.version)
+
     @torch.inference_mode()
+    def image_memory(
+        self, keys: Sequence[str | None], pixels: Callable[[int], torch.Tensor]
+    ) -> torch.Tensor:
+        """Image memory (B, L, M) (see `encode`) for B images given by their cache keys, taking
+        each cached one from the cache and encoding the others, each distinct key once.
+        `pixels(i)` gives image i preprocessed, (3, S, S); a None key is never cached."""
+        found: dict[str | int, torch.Tensor] = {}
+        todo: dict[str | int, torch.Tensor] = {}  # key, or position for an uncached image
+        for i, key in enumerate(keys):
+            slot = i if key is None else key
+            if slot in found or slot in todo:
+                continue
+            cached = self.cache.get(key) if key is not None else None
+            if cached is not None:
+                found[slot] = cached
+            else:
+                todo[slot] = pixels(i)
+        if todo:
+            encoded = self.encode(torch.stack(list(todo.values())))
+            for slot, memory in zip(todo, encoded, strict=True):
+                found[slot] = memory.clone()  # a copy, so the cache does not pin the whole batch
+                if not isinstance(slot, int):
+                    self.cache.put(slot, found[slot])
+        return torch.stack([found[i if key is None else key] for i, key in enumerate(keys)])
+
     def features_for(
         self, images: Sequence[ImageInput], max_pixels: int = DEFAULT_MAX_PIXELS
     ) -> torch.Tensor:
-        """Image memory (B, L, M) for `images` (see `encode`), encoding only those not in the
-        cache."""
+        """Image memory (B, L, M) for PIL images, encoded bytes or paths: bytes and paths through
+        the cache (decoded only when not cached), PIL images encoded each time."""
         keys: list[str | None] = []
-        found: dict[str, torch.Tensor] = {}
-        to_encode: dict[str | int, Image.Image] = {}  # key, or position for uncached PIL images
-        for i, image in enumerate(images):
+        sources: list[Image.Image | bytes] = []
+        for image in images:
             if isinstance(image, Image.Image):
                 keys.append(None)
-                to_encode[i] = image
-                continue
-            data = _read_bytes(image)
-            key = key_for(data, self.name, self.version)
-            keys.append(key)
-            if key in found or key in to_encode:
-                continue
-            cached = self.cache.get(key)
-            if cached is not None:
-                found[key] = cached
+                sources.append(image)
             else:
-                to_encode[key] = load_image(data, max_pixels)
-        if to_encode:
-            encoded = self.encode(self.preprocess(list(to_encode.values())))
-            for slot, features in zip(to_encode, encoded):
-                found[slot] = features.clone()  # a copy, so the cache does not pin the batch
-                if isinstance(slot, str):
-                    self.cache.put(slot, found[slot])
-        return torch.stack([found[key if key is not None else i] for i, key in enumerate(keys)])
+                data = _read_bytes(image)
+                keys.append(self.image_key(data))
+                sources.append(data)
+
+        def pixels(i: int) -> torch.Tensor:
+            [image] = as_images([sources[i]], max_pixels)
+            return preprocess(image, self.input_size)
+
+        return self.image_memory(keys, pixels)
 
 
 def _read_bytes(image: bytes | bytearray | memoryview | str | os.PathLike) -> bytes:
@@ -293,21 +307,3 @@ def _read_bytes(image: bytes | bytearray | memoryview | str | os.PathLike) -> by
     raise ValueError(
         f"an image must be a PIL image, encoded bytes or a path, got {type(image).__name__}"
     )
-
-
-def ask(
-    image_path: str | os.PathLike,
-    question: str,
-    model_dir: str | os.PathLike = DEFAULT_VQA_MODEL,
-    top_k: int = 3,
-    device: str = "cpu",
-) -> dict[str, Any]:
-    """What `captioner ask IMAGE QUESTION` prints: the answer, top answers, attention and model."""
-    vqa = VQAModel.load(model_dir, device=device)
-    [result] = vqa.answer([image_path], [question], top_k=top_k)
-    return {
-        "image": str(image_path),
-        "question": question,
-        **result.to_dict(),
-        "model": {"name": vqa.name, "version": vqa.version},
-    }

@@ -20,10 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .datasets import IMAGE_SUFFIXES
-from .vqa_metric import leave_one_out_accuracy, normalize_answer
-
-__all__ = ["VQAItem", "VQASplit", "build_answer_vocab", "load_vqa", "soft_targets"]
+from captioner.data.images import IMAGE_SUFFIXES, ImageTensors
+from captioner.evaluation.vqa_accuracy import leave_one_out_accuracy, normalize_answer
 
 _TRAILING_DIGITS = re.compile(r"(\d{12,})$")
 
@@ -47,10 +45,6 @@ class VQASplit:
 
     def __len__(self) -> int:
         return len(self.items)
-
-    def image_paths(self) -> dict[int, Path]:
-        """Image id -> file, for the images the items use."""
-        return {item.image_id: item.image_path for item in self.items}
 
 
 def _read_list(path: str | Path, key: str, what: str) -> tuple[dict[str, Any], list[dict]]:
@@ -229,3 +223,45 @@ def soft_targets(answers: Sequence[str], answer_to_index: Mapping[str, int]) -> 
         for a in sorted(set(normalised))
         if a in answer_to_index
     }
+
+
+def load_split(root: str | Path, name: str) -> VQASplit:
+    """The split `root/name` of a make_shapes / make_easy_vqa folder (questions.json,
+    annotations.json, images/)."""
+    folder = Path(root) / name
+    if not folder.is_dir():
+        raise ValueError(f"split folder not found: {folder}")
+    return load_vqa(folder / "questions.json", folder / "annotations.json", folder / "images")
+
+
+@dataclass
+class PreparedSplit:
+    """A VQA split with its images decoded once into memory and questions grouped by image."""
+
+    split: VQASplit  # only the questions whose image decoded
+    images: ImageTensors  # (N_images, 3, S, S) uint8
+    by_image: list[list[int]]  # indices into split.items, per row of `images`
+    unreadable: list[str]  # "path: reason" of images that did not decode
+
+    @property
+    def num_images(self) -> int:
+        return len(self.images)
+
+
+def prepare(split: VQASplit, input_size: int, progress=None) -> PreparedSplit:
+    """Decode every image of `split` once (resized to `input_size`); drop questions whose image
+    does not decode. `progress` wraps the paths (e.g. tqdm) while decoding."""
+    paths: dict[Path, int] = {}
+    for item in split.items:
+        paths.setdefault(item.image_path, len(paths))
+    images = ImageTensors(list(paths), input_size, progress)
+    row_of = {path_index: row for row, path_index in enumerate(images.kept)}
+    kept_items, by_image = [], [[] for _ in images.kept]
+    for item in split.items:
+        row = row_of.get(paths[item.image_path])
+        if row is not None:
+            by_image[row].append(len(kept_items))
+            kept_items.append(item)
+    return PreparedSplit(
+        VQASplit(kept_items, split.skipped_missing_image), images, by_image, images.unreadable
+    )

@@ -1,4 +1,5 @@
-"""Schema fuzzing helpers shared by tests/test_api_schema_fuzz.py and bench/fuzz_api.py.
+"""Schema fuzzing helpers shared by bench/fuzz_api.py (the long fuzz) and
+tests/test_api_schema_fuzz.py (a short one in every test run).
 
 The OpenAPI document is read from an app without models (it does not depend on them) through
 schemathesis's ASGI loader; requests are sent to an app with real models (`case.call(app=...)`),
@@ -11,17 +12,20 @@ well as the error paths.
 from __future__ import annotations
 
 import io
+from pathlib import Path
 from typing import Any
 
+import numpy as np
 import schemathesis
 from hypothesis import strategies as st
+from PIL import Image
 from schemathesis.generation.value import GeneratedValue
 from schemathesis.specs.openapi.checks import ignored_auth, positive_data_acceptance
 
 from api.app import create_app
+from api.settings import Settings
 from captioner.image import ImageError, ImageTooLargeError, load_image
 from captioner.vocab import tokenize
-from tests.api_fixtures import noise_image, settings
 
 KEY = "fuzz-key"
 # Small caps, so that real images hit the byte, pixel and image-count limits too.
@@ -41,6 +45,25 @@ MODES = {
 OPEN_EXCLUDED = [positive_data_acceptance, ignored_auth]  # no key configured: keys are ignored
 KEYED_EXCLUDED = [positive_data_acceptance]
 KEYED_HEADERS = {"X-API-Key": KEY}
+
+
+def settings(**overrides: Any) -> Settings:
+    """Settings of a fuzzed app: no models unless given, no batching delay."""
+    values: dict[str, Any] = {
+        "caption_model": None,
+        "vqa_model": None,
+        "max_batch_delay_ms": 0,
+        "request_timeout_s": 20,
+        "api_key": None,
+        "cors_origins": [],
+    }
+    return Settings(**{**values, **overrides})
+
+
+def noise_image(seed: int, size: tuple[int, int], mode: str) -> Image.Image:
+    rng = np.random.default_rng(seed)
+    pixels = rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
+    return Image.fromarray(pixels, "RGB").convert(mode)
 
 
 def file_fields(document: dict[str, Any]) -> dict[str, dict[str, bool]]:
@@ -191,3 +214,26 @@ def problems(case, response) -> list[str]:
         if not (isinstance(detail, str) and detail):
             found.append(f"error body without a string detail: {response.text[:200]}")
     return found
+
+
+def save_untrained_models(folder: Path) -> dict[str, Path]:
+    """A tiny random captioner and VQA model in `folder` (the app's caption_model / vqa_model):
+    their answers mean nothing, but every route runs end to end."""
+    import torch
+
+    from captioner import Answerer, Captioner
+    from captioner.caption.net import CaptionNet
+    from captioner.encoder import EncoderConfig
+    from captioner.vocab import Vocabulary
+    from captioner.vqa.net import VQANet
+
+    torch.manual_seed(0)
+    encoder = EncoderConfig(name="small_cnn", input_size=32, grid_size=4, width=4)
+    words = Vocabulary.build(["a small red circle to the left of a large blue square"])
+    net = CaptionNet.build(encoder, len(words), embed_dim=16, hidden_dim=24, attention_dim=12)
+    caption_model = Captioner(net, words, name="untrained-cap").save(folder / "cap")
+    questions = Vocabulary.build(["what color is the circle?", "how many shapes are there?"])
+    answers = ["red", "blue", "one", "two", "yes", "no"]
+    vqa = VQANet.build(encoder, len(questions), len(answers), embed_dim=8, hidden_dim=8)
+    vqa_model = Answerer(vqa, questions, answers, name="untrained-vqa").save(folder / "vqa")
+    return {"caption_model": caption_model, "vqa_model": vqa_model}

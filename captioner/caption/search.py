@@ -12,8 +12,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .decoder import CaptionDecoder, State
-from .vocab import Vocabulary
+from captioner.caption.decoder import CaptionDecoder, State
+from captioner.vocab import Vocabulary
 
 START, END = Vocabulary.start_id, Vocabulary.end_id
 

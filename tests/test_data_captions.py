@@ -4,14 +4,13 @@ import pytest
 import torch
 from PIL import Image
 
-from captioner.datasets import (
-    ImageTensors,
+from captioner.data.captions import (
     drop_unreadable,
     encode_captions,
-    list_images,
     load_coco_captions,
     load_karpathy,
 )
+from captioner.data.images import ImageTensors, list_images
 from captioner.image import load_image, preprocess
 from captioner.vocab import Vocabulary
 

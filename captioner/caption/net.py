@@ -5,11 +5,11 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .decoder import CaptionDecoder, DecoderConfig
-from .encoder import Encoder, EncoderConfig
+from captioner.caption.decoder import CaptionDecoder, DecoderConfig
+from captioner.encoder import Encoder, EncoderConfig
 
 
-class CaptionModel(nn.Module):
+class CaptionNet(nn.Module):
     def __init__(
         self,
         encoder_config: EncoderConfig,
@@ -31,7 +31,7 @@ class CaptionModel(nn.Module):
         self.decoder = CaptionDecoder(decoder_config)
 
     @classmethod
-    def build(cls, encoder_config: EncoderConfig, vocab_size: int, **decoder_args) -> CaptionModel:
+    def build(cls, encoder_config: EncoderConfig, vocab_size: int, **decoder_args) -> CaptionNet:
         """A model whose decoder sizes follow from the encoder (feature width, grid cells)."""
         probe = Encoder(encoder_config, load_weights=False)
         decoder_config = DecoderConfig(
@@ -63,7 +63,7 @@ class CaptionModel(nn.Module):
         sample_prob: float = 0.0,
         image_index: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Teacher-forced `(logits (B, T-1, V), loss)`; decoding lives in `captioner.search`.
+        """Teacher-forced `(logits (B, T-1, V), loss)`; decoding lives in `captioner.caption.search`.
 
         Caption b is about image `image_index[b]` (default: one caption per image), so an image
         with several captions in the batch is encoded once. `sample_prob` > 0 turns on scheduled

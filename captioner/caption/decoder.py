@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .attention import SoftAttention, doubly_stochastic_penalty
+from captioner.caption.attention import SoftAttention, doubly_stochastic_penalty
 
 CELLS = {"lstm": nn.LSTMCell, "gru": nn.GRUCell, "rnn": nn.RNNCell}
 

@@ -1,6 +1,6 @@
 import torch
 
-from captioner.search import beam_search, greedy
+from captioner.caption.search import beam_search, greedy
 from captioner.vocab import Vocabulary
 from tests.conftest import tiny_model
 

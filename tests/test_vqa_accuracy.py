@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from captioner.vqa_metric import (
+from captioner.evaluation.vqa_accuracy import (
     evaluate,
     leave_one_out_accuracy,
     normalize_answer,

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .encoder import Encoder, EncoderConfig
+from captioner.encoder import Encoder, EncoderConfig
 
 CELLS = {"lstm": nn.LSTM, "gru": nn.GRU}
 

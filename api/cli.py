@@ -1,4 +1,9 @@
-"""The `captioner` command: caption images, ask a question about one, or serve the API."""
+"""The `captioner` command: caption images, ask a question about one, or serve the API.
+
+It sits above both the library (`captioner/`) and the service (`api/`), so it lives here: the
+library never imports the web app. Captions and answers print as the HTTP API returns them
+(`CaptionResult.to_dict`, `AnswerResult.to_dict`), plus the image's path.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +12,10 @@ import json
 import sys
 from collections.abc import Sequence
 
-from .paths import DEFAULT_CAPTION_MODEL, DEFAULT_VQA_MODEL
+from captioner.paths import DEFAULT_CAPTION_MODEL, DEFAULT_VQA_MODEL
+from captioner.results import AttentionFormat
+
+FORMATS = [f.value for f in AttentionFormat]
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -20,7 +28,15 @@ def get_args_parser() -> argparse.ArgumentParser:
     cap.add_argument("--beam-size", type=int, default=3, help="beam width (1 = greedy)")
     cap.add_argument("--max-length", type=int, default=20, help="longest caption in words")
     cap.add_argument("--batch-size", type=int, default=16, help="images per batch")
-    cap.add_argument("--attention", action="store_true", help="include per-word attention maps")
+    cap.add_argument(
+        "--attention",
+        nargs="?",
+        choices=FORMATS,
+        default="none",
+        const="grid",
+        help="per-word attention maps: grid (the default when the flag is given alone), png "
+        "(heatmaps over the image) or none (the default)",
+    )
     cap.add_argument("--device", default="cpu", help="cpu or cuda")
 
     ask = sub.add_parser("ask", help="answer a question about an image; prints JSON")
@@ -28,6 +44,12 @@ def get_args_parser() -> argparse.ArgumentParser:
     ask.add_argument("question", help="the question, e.g. 'what color is the circle?'")
     ask.add_argument("--model", default=str(DEFAULT_VQA_MODEL), help="VQA model folder")
     ask.add_argument("--top-k", type=int, default=3, help="how many answers to list")
+    ask.add_argument(
+        "--attention",
+        choices=FORMATS,
+        default="grid",
+        help="each glimpse's attention map: grid (default), png (heatmaps over the image) or none",
+    )
     ask.add_argument("--device", default="cpu", help="cpu or cuda")
 
     serve = sub.add_parser("serve", help="start the HTTP service (uvicorn)")
@@ -41,8 +63,8 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 def caption_main(args: argparse.Namespace) -> int:
-    from .image import ImageError, load_image
-    from .pipeline import Captioner
+    from captioner.caption.captioner import Captioner
+    from captioner.image import ImageError, load_image
 
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
@@ -58,24 +80,24 @@ def caption_main(args: argparse.Namespace) -> int:
                 failed += 1
                 print(f"captioner: skipping {path}: {exc}", file=sys.stderr)
         results = captioner.caption(images, beam_size=args.beam_size, max_length=args.max_length)
-        for path, result in zip(paths, results, strict=True):
-            print(
-                json.dumps({"image": path, **result.to_dict(attention=args.attention)}), flush=True
-            )
+        for path, image, result in zip(paths, images, results, strict=True):
+            print(json.dumps({"image": path, **result.to_dict(args.attention, image)}), flush=True)
     return 1 if failed else 0
 
 
 def ask_main(args: argparse.Namespace) -> int:
-    from .vqa import ask
+    from captioner.image import load_image
+    from captioner.vqa.answerer import Answerer
 
-    print(
-        json.dumps(ask(args.image, args.question, args.model, top_k=args.top_k, device=args.device))
-    )
+    answerer = Answerer.load(args.model, device=args.device)
+    image = load_image(args.image)
+    [result] = answerer.answer([image], [args.question.strip()], top_k=args.top_k)
+    print(json.dumps({"image": args.image, **result.to_dict(args.attention, image)}))
     return 0
 
 
 def serve_main(args: argparse.Namespace) -> int:
-    from api.server import serve
+    from .server import serve
 
     serve(
         host=args.host, port=args.port, caption_model=args.caption_model, vqa_model=args.vqa_model

@@ -1,22 +1,20 @@
-"""Caption metrics on hand-checkable inputs."""
+"""Caption scores (evaluation/coco.py) and shapes-world grounding and accuracy
+(evaluation/grounding.py) on hand-checkable inputs."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from captioner.metrics import (
-    COCO_METRICS,
+from captioner.data.shapes import encode_mask
+from captioner.evaluation.coco import COCO_METRICS, coco_scores, java_available, leave_one_out
+from captioner.evaluation.grounding import (
     cell_bounds,
     cells_overlapping,
-    coco_scores,
     grounding,
-    java_available,
-    leave_one_out,
     object_scene_accuracy,
 )
-from captioner.pipeline import CaptionResult
-from captioner.shapes import encode_mask
+from captioner.results import CaptionResult
 
 needs_java = pytest.mark.skipif(
     not java_available(), reason="java not on PATH (METEOR and the PTB tokenizer need it)"

@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from captioner.vocab import Vocabulary
-from captioner.vqa import encode_questions
-from captioner.vqa_model import VQAConfig, VQANet, soft_cross_entropy
+from captioner.vqa.answerer import encode_questions
+from captioner.vqa.net import VQAConfig, VQANet, soft_cross_entropy
 from tests.conftest import tiny_encoder_config
 
 QUESTIONS = [

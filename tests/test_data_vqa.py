@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from captioner.vqa_data import build_answer_vocab, load_vqa, soft_targets
+from captioner.data.vqa import build_answer_vocab, load_vqa, soft_targets
 from training import make_easy_vqa
 
 
@@ -69,12 +69,17 @@ def tiny_vqa(tmp_path):
     return q_path, a_path, images
 
 
+def _image_paths(split) -> dict:
+    """Image id -> file, for the images the split's questions use."""
+    return {item.image_id: item.image_path for item in split.items}
+
+
 def test_load_vqa_joins_finds_images_and_skips_missing(tiny_vqa):
     q_path, a_path, images = tiny_vqa
     split = load_vqa(q_path, a_path, images)
     assert split.skipped_missing_image == 1
     assert [item.question_id for item in split.items] == [10, 11, 20, 30, 40]
-    assert {i: p.name for i, p in split.image_paths().items()} == {
+    assert {i: p.name for i, p in _image_paths(split).items()} == {
         1: "COCO_val2014_000000000001.jpg",
         2: "000000000002.png",
         3: "3.png",
@@ -174,10 +179,10 @@ def test_make_easy_vqa_converts_and_load_vqa_reads_it(tmp_path):
 
     info = json.loads((test_dir / "questions.json").read_text())["info"]
     train_ids = {int(p.stem) for p in (tmp_path / "easy" / "train" / "images").glob("*.png")}
-    assert len(train_ids) == 4000 and not train_ids & set(split.image_paths())
+    assert len(train_ids) == 4000 and not train_ids & set(_image_paths(split))
     original = info["original_image_ids"]
     assert sorted(original.values()) == list(range(1000))
-    assert {int(k) for k in original} == set(split.image_paths())
+    assert {int(k) for k in original} == set(_image_paths(split))
 
     colors = {"red", "green", "blue", "black", "gray", "teal", "brown", "yellow"}
     for item in split.items:

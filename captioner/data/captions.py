@@ -14,11 +14,8 @@ from pathlib import Path
 
 import torch
 
-from .image import ImageError, load_image, normalize, resize
-from .vocab import Vocabulary
-
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".gif", ".bmp", ".webp", ".tif", ".tiff"}
-
+from captioner.data.images import ImageTensors
+from captioner.vocab import Vocabulary
 
 @dataclass
 class CaptionRecord:
@@ -115,47 +112,6 @@ def load_karpathy(split_json: str | Path, image_root: str | Path, split: str) ->
             )
         )
     return CaptionSet(records, skipped_missing=missing)
-
-
-def list_images(folder: str | Path, recursive: bool = False) -> list[Path]:
-    """Image files in a folder (by suffix), sorted."""
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise ValueError(f"image folder not found: {folder}")
-    pattern = folder.rglob("*") if recursive else folder.iterdir()
-    return sorted(p for p in pattern if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
-
-
-class ImageTensors:
-    """Images decoded once and kept in memory as uint8 (N, 3, S, S); normalised per batch.
-
-    Decoding and resizing dominate a small model's training step on a CPU, so datasets that fit
-    in memory (the shapes world, coco-mini) are decoded once. Unreadable files are dropped here.
-    """
-
-    def __init__(self, paths: Sequence[Path], size: int, progress=None):
-        kept, tensors, bad = [], [], []
-        iterator = progress(paths) if progress else paths
-        for i, path in enumerate(iterator):
-            try:
-                image = load_image(path)
-            except ImageError as exc:
-                bad.append(f"{path}: {exc}")
-                continue
-            tensors.append(resize(image, size))
-            kept.append(i)
-        self.kept = kept  # indices into `paths` that decoded
-        self.unreadable = bad
-        self.data = (
-            torch.stack(tensors) if tensors else torch.empty(0, 3, size, size, dtype=torch.uint8)
-        )
-
-    def __len__(self) -> int:
-        return self.data.shape[0]
-
-    def batch(self, indices: Sequence[int], device: torch.device | str = "cpu") -> torch.Tensor:
-        """Normalised float images (B, 3, S, S), exactly as `captioner.image.preprocess` makes them."""
-        return normalize(self.data[list(indices)].to(device))
 
 
 def drop_unreadable(captions: CaptionSet, images: ImageTensors) -> CaptionSet:

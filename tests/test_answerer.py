@@ -1,4 +1,4 @@
-"""`VQAModel`: model folders, batched vs single answers, the feature cache, metadata and `ask`."""
+"""`Answerer`: model folders, batched vs single answers, the feature cache, metadata and `ask`."""
 
 import io
 import json
@@ -8,19 +8,21 @@ import pytest
 import torch
 from PIL import Image
 
+from api.cli import main as cli_main
 from captioner.checkpoint import ModelDirError
 from captioner.image import UnreadableImageError
+from captioner.results import AnswerResult
 from captioner.vocab import Vocabulary
-from captioner.vqa import AnswerResult, VQAModel, ask
-from tests.test_vqa_model import QUESTIONS, tiny_vqa
+from captioner.vqa.answerer import Answerer
+from tests.test_vqa_net import QUESTIONS, tiny_vqa
 
 ANSWERS = ["red", "blue", "circle", "square", "yes", "no", "2"]
 
 
-def make_model(**kwargs) -> VQAModel:
+def make_model(**kwargs) -> Answerer:
     vocab = Vocabulary.build(QUESTIONS)
     net = tiny_vqa(len(vocab), len(ANSWERS), **kwargs)
-    return VQAModel(net, vocab, ANSWERS, name="tiny-vqa", version="3")
+    return Answerer(net, vocab, ANSWERS, name="tiny-vqa", version="3")
 
 
 def png(color: tuple[int, int, int], size: int = 40) -> bytes:
@@ -64,7 +66,11 @@ def test_result_fields_and_attention_maps(images):
     d = result.to_dict()
     assert d["top_answers"][0] == {"answer": result.answer, "probability": result.confidence}
     assert d["attention"]["height"] == 4 and len(d["attention"]["maps"]) == 2
-    assert result.to_dict(attention=False)["attention"] is None
+    assert result.to_dict(attention="none")["attention"] is None
+    assert d["question"] == "what color is the circle?" and d["model"] == {
+        "name": vqa.name,
+        "version": vqa.version,
+    }
 
 
 def test_top_k_is_capped_by_the_answer_count_and_must_be_positive(images):
@@ -91,7 +97,7 @@ def test_checkpoint_round_trip_gives_identical_outputs(tmp_path, images):
         "answers.json", "config.json", "model.safetensors", "question_vocab.json", "training.json"
     ]  # fmt: skip
     assert json.loads((path / "config.json").read_text())["kind"] == "vqa"
-    loaded = VQAModel.load(path)
+    loaded = Answerer.load(path)
     assert (loaded.name, loaded.version, loaded.answers) == ("tiny-vqa", "3", ANSWERS)
     a = vqa.answer(images, QUESTIONS[:4], top_k=7)
     b = loaded.answer(images, QUESTIONS[:4], top_k=7)
@@ -105,13 +111,13 @@ def test_load_refuses_a_captioner_folder_and_mismatched_weights(tmp_path):
     from tests.api_fixtures import save_tiny_captioner
 
     with pytest.raises(ModelDirError, match="answers.json|expected 'vqa'"):
-        VQAModel.load(save_tiny_captioner(tmp_path / "cap"))
+        Answerer.load(save_tiny_captioner(tmp_path / "cap"))
     path = make_model(glimpses=2).save(tmp_path / "m")
     config = json.loads((path / "config.json").read_text())
     config["vqa"]["glimpses"] = 3
     (path / "config.json").write_text(json.dumps(config))
     with pytest.raises(ModelDirError, match="do not match"):
-        VQAModel.load(path)
+        Answerer.load(path)
 
 
 def test_same_image_bytes_five_times_encode_once(images):
@@ -182,11 +188,13 @@ def test_preprocess_and_encode_match_answer(images):
     assert [r.top_answers for r in direct] == [r.top_answers for r in through]
 
 
-def test_ask_returns_what_the_cli_prints(tmp_path, images):
+def test_cli_ask_prints_the_answer_as_json(tmp_path, images, capsys):
     path = make_model(glimpses=2).save(tmp_path / "m")
     image = tmp_path / "scene.png"
     image.write_bytes(images[0])
-    out = ask(image, "what color is the circle?", path, top_k=2)
+    argv = ["ask", str(image), "what color is the circle?", "--model", str(path), "--top-k", "2"]
+    assert cli_main(argv) == 0
+    out = json.loads(capsys.readouterr().out)
     assert out["image"] == str(image) and out["question"] == "what color is the circle?"
     assert out["model"] == {"name": "tiny-vqa", "version": "3"}
     assert len(out["top_answers"]) == 2 and out["answer"] == out["top_answers"][0]["answer"]

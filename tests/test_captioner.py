@@ -50,12 +50,16 @@ def test_greedy_and_sampling_methods(captioner):
 
 
 def test_no_attention_model_returns_none(vocab):
-    from captioner.pipeline import Captioner
+    from captioner.caption.captioner import Captioner
     from tests.conftest import tiny_model
 
     cap = Captioner(tiny_model(len(vocab), attention=False), vocab)
     [r] = cap.caption(_images(1), max_length=5)
-    assert r.attention is None and r.to_dict()["attention"] is None
+    assert (
+        r.attention is None
+        and r.to_dict()["attention"] is None
+        and r.to_dict("png")["attention"] is None
+    )
 
 
 def test_bad_image_bytes_raise_the_library_error(captioner):
@@ -68,7 +72,7 @@ def test_empty_input_gives_empty_output(captioner):
 
 
 def test_vocab_size_mismatch_is_refused(vocab):
-    from captioner.pipeline import Captioner
+    from captioner.caption.captioner import Captioner
     from tests.conftest import tiny_model
 
     with pytest.raises(ValueError, match="vocab"):

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily
+
+from captioner.vqa.cache import FeatureCache
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 BATCH_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)
@@ -48,18 +51,34 @@ class Metrics:
         self.model_load_seconds = Gauge(
             "captioner_model_load_seconds", "Time taken to load the model", ["model"], registry=r
         )
-        self.cache_hits = Counter(
-            "captioner_feature_cache_hits",
-            "Images whose encoder features came from the feature cache",
-            ["model"],
-            registry=r,
-        )
-        self.cache_misses = Counter(
-            "captioner_feature_cache_misses",
-            "Images that needed an encoder pass",
-            ["model"],
-            registry=r,
-        )
+        self._caches: dict[str, FeatureCache] = {}
+        r.register(_CacheCollector(self._caches))
+
+    def watch_cache(self, model: str, cache: FeatureCache) -> None:
+        """Report `cache`'s hits and misses (the answerer's own counts) as `model`'s."""
+        self._caches[model] = cache
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+class _CacheCollector:
+    """The feature caches' own hit and miss counts, read at each scrape."""
+
+    def __init__(self, caches: dict[str, FeatureCache]):
+        self.caches = caches
+
+    def collect(self):
+        hits = CounterMetricFamily(
+            "captioner_feature_cache_hits",
+            "Images whose encoder features came from the feature cache",
+            labels=["model"],
+        )
+        misses = CounterMetricFamily(
+            "captioner_feature_cache_misses", "Images that needed an encoder pass", labels=["model"]
+        )
+        for model, cache in self.caches.items():
+            hits.add_metric([model], cache.hits)
+            misses.add_metric([model], cache.misses)
+        yield hits
+        yield misses
