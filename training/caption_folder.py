@@ -43,6 +43,7 @@ import torch.distributed as dist
 from PIL import Image, ImageDraw, ImageFont
 
 from captioner.datasets import list_images
+from captioner.files import write_json_atomic, write_text_atomic
 from captioner.image import ImageError, load_image
 from captioner.overlay import attention_overlay
 from captioner.paths import DEFAULT_CAPTION_MODEL
@@ -54,8 +55,6 @@ from training.common import (
     cleanup_distributed,
     progress,
     setup_distributed,
-    write_json_atomic,
-    write_text_atomic,
 )
 
 STRIP_HEIGHT = 128  # pixels of each panel of an overlay strip, without its label

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from captioner.datasets import CaptionSet, load_coco_captions
+from captioner.files import write_json_atomic
 from captioner.image import ImageError, load_image
 from captioner.metrics import (
     COCO_METRICS,
@@ -35,7 +36,7 @@ from captioner.metrics import (
     object_scene_accuracy,
 )
 from captioner.pipeline import Captioner, CaptionResult
-from training.common import batches, progress, write_json_atomic
+from training.common import batches, progress
 
 
 def caption_split(

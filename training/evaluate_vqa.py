@@ -21,10 +21,11 @@ from pathlib import Path
 import torch
 
 from captioner.datasets import ImageTensors
+from captioner.files import write_json_atomic
 from captioner.vqa import VQAModel, encode_questions
 from captioner.vqa_data import VQASplit, load_vqa
 from captioner.vqa_metric import evaluate
-from training.common import batches, progress, write_json_atomic
+from training.common import batches, progress
 
 
 @dataclass

@@ -36,6 +36,7 @@ from captioner.datasets import (
     load_karpathy,
 )
 from captioner.encoder import EncoderConfig
+from captioner.files import write_json_atomic
 from captioner.model import CaptionModel
 from captioner.pipeline import Captioner
 from captioner.vocab import Vocabulary
@@ -57,7 +58,6 @@ from training.common import (
     seed_everything,
     setup_distributed,
     warmup_cosine,
-    write_json_atomic,
 )
 
 # On --resume: these come from this command line; the rest from the run's args.json, except the

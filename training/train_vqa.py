@@ -28,6 +28,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from captioner.checkpoint import check_state_dict, load_model_dir, load_tensors, save_model_dir
 from captioner.encoder import EncoderConfig
+from captioner.files import write_json_atomic
 from captioner.vocab import Vocabulary
 from captioner.vqa import ANSWERS, QUESTION_VOCAB, VQAModel, encode_questions
 from captioner.vqa_data import VQASplit, build_answer_vocab, load_vqa, soft_targets
@@ -50,7 +51,6 @@ from training.common import (
     seed_everything,
     setup_distributed,
     warmup_cosine,
-    write_json_atomic,
 )
 from training.evaluate_vqa import PreparedSplit, prepare, score
 
