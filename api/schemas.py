@@ -37,7 +37,9 @@ class CaptionResponse(_Strict):
     caption: str
     tokens: list[str]
     token_logprobs: list[float]
-    score: float = Field(description="the search's score: the sum of token_logprobs, length-penalised")
+    score: float = Field(
+        description="the search's score: the sum of token_logprobs, length-penalised"
+    )
     attention: Attention = Field(description="null for attention=none or a model without attention")
     model: ModelRef
 

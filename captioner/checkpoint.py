@@ -28,6 +28,8 @@ from typing import Any
 import torch
 from torch.overrides import TorchFunctionMode
 
+from .files import atomic_dir, file_mode
+
 FORMAT_VERSION = 1
 CONFIG, WEIGHTS, TRAINING = "config.json", "model.safetensors", "training.json"
 PICKLE_SUFFIXES = {".pt", ".pth", ".bin", ".pkl", ".pickle", ".ckpt", ".npy", ".npz", ".joblib"}
@@ -55,8 +57,7 @@ def save_model_dir(
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     recover_model_dir(path)  # one writer per folder: what is left from a killed save is stale
-    tmp = Path(tempfile.mkdtemp(prefix=_tmp_prefix(path), dir=path.parent))
-    try:
+    with atomic_dir(path, replace=_replace_dir) as tmp:  # tmp: `.NAME.tmp-*`, see recover
         _write_json(tmp / CONFIG, {"format_version": FORMAT_VERSION, **config})
         for name, data in (files or {}).items():
             if Path(name).name != name or not name.endswith(".json") or name == CONFIG:
@@ -70,12 +71,6 @@ def save_model_dir(
                     f"tensor file name must be a plain *.safetensors name, got {name!r}"
                 )
             save_tensors(tmp / name, data)
-        _fsync_dir(tmp)
-        _replace_dir(tmp, path)
-        _fsync_dir(path.parent)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return path
 
 
@@ -250,6 +245,7 @@ def save_tensors(file: Path, tensors: dict[str, torch.Tensor]) -> None:
         str(file),
         metadata={"format": "pt"},
     )
+    os.chmod(file, file_mode())  # safetensors makes it 0600
     _fsync(file)
 
 

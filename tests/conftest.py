@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import os
 import signal
+import stat
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -36,6 +38,29 @@ def tiny_model(vocab_size: int = 30, seed: int = 0, **decoder_args) -> CaptionNe
     args.update(decoder_args)
     encoder_args = args.pop("encoder", {})
     return CaptionNet.build(tiny_encoder_config(**encoder_args), vocab_size=vocab_size, **args)
+
+
+@pytest.fixture(params=[0o022, 0o077], ids=["umask022", "umask077"])
+def umask(request) -> Iterator[int]:
+    """Run the test under this umask (process-wide), restored afterwards."""
+    old = os.umask(request.param)
+    try:
+        yield request.param
+    finally:
+        os.umask(old)
+
+
+def assert_umask_modes(umask: int, *paths: Path) -> None:
+    """Each of `paths` and everything under it has the mode a plain open()/mkdir() would give
+    under `umask`: folders 0o777 & ~umask, files 0o666 & ~umask."""
+    wrong = {}
+    for root in paths:
+        for p in [root, *sorted(root.rglob("*"))]:
+            mode = stat.S_IMODE(p.lstat().st_mode)
+            want = (0o777 if p.is_dir() else 0o666) & ~umask
+            if mode != want:
+                wrong[str(p)] = f"{mode:o} (want {want:o})"
+    assert not wrong, f"modes under umask {umask:03o}: {wrong}"
 
 
 @pytest.fixture

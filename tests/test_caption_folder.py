@@ -18,7 +18,7 @@ from captioner.caption.captioner import Captioner
 from captioner.data.shapes import generate_split, render
 from captioner.paths import REPO_ROOT
 from captioner.vocab import Vocabulary
-from tests.conftest import tiny_model
+from tests.conftest import assert_umask_modes, tiny_model
 from training import caption_folder
 from training.caption_folder import coco_results, consolidate, part_path
 
@@ -90,6 +90,24 @@ def test_captions_a_folder_skipping_unreadable_files(tmp_path, model_dir, capsys
     assert summary["new_captions"] == 1
     assert _paths(out) == sorted([*names, "broken.jpg", "sub/deep.png"])
     assert (overlays / "sub" / "deep.png.png").is_file()
+
+
+def test_outputs_get_the_modes_the_umask_implies(tmp_path, model_dir, umask):
+    """The lines (appended to a new file, then rewritten when a rerun repairs a torn line), the
+    overlays and the COCO results: what a plain mkdir()/open() would give under the umask."""
+    _folder(tmp_path / "in", 2)
+    out, overlays = tmp_path / "out" / "captions.jsonl", tmp_path / "overlays"
+    extra = ("--overlays", str(overlays), "--coco-results", str(tmp_path / "out" / "coco.json"))
+    _run(tmp_path / "in", out, model_dir, *extra)
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["captions.jsonl", "coco.json"]
+    assert len(list(overlays.iterdir())) == 2
+    assert_umask_modes(umask, tmp_path / "out", overlays)
+
+    with open(out, "a", encoding="utf-8") as f:
+        f.write('{"path": "torn')  # what a kill mid-write leaves: the rerun rewrites the file
+    assert _run(tmp_path / "in", out, model_dir, *extra)["new_captions"] == 0
+    assert not out.read_text(encoding="utf-8").endswith("torn")
+    assert_umask_modes(umask, tmp_path / "out", overlays)
 
 
 def test_rerun_adds_nothing_and_repairs_lost_or_torn_lines(tmp_path, model_dir):

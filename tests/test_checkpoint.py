@@ -9,6 +9,7 @@ import torch
 from captioner.caption.captioner import Captioner
 from captioner.checkpoint import ModelDirError, load_model_dir, load_tensors, save_model_dir
 from tests.api_fixtures import save_tiny_captioner, save_tiny_vqa
+from tests.conftest import assert_umask_modes
 
 
 def _images(n=3, seed=0):
@@ -45,6 +46,15 @@ def test_overwrite_is_atomic_and_leaves_no_temporary_folders(tmp_path, captioner
     captioner.save(tmp_path / "m", training={"again": True})
     assert [p.name for p in tmp_path.iterdir()] == ["m"]
     assert json.loads((tmp_path / "m" / "training.json").read_text()) == {"again": True}
+
+
+def test_a_saved_folder_gets_the_modes_the_umask_implies(tmp_path, captioner, umask):
+    """A service running as another user can read the model when the umask lets it (0022), and
+    only the owner when it does not (0077): the modes a plain mkdir()/open() would give."""
+    captioner.save(tmp_path / "m")
+    assert_umask_modes(umask, tmp_path / "m")
+    captioner.save(tmp_path / "m", training={"again": True})  # replacing a folder: the same
+    assert_umask_modes(umask, tmp_path / "m")
 
 
 def test_failed_write_leaves_the_old_folder_untouched(tmp_path, captioner):

@@ -10,6 +10,7 @@ import pytest
 from PIL import Image
 
 from captioner.data.vqa import build_answer_vocab, load_vqa, soft_targets
+from tests.conftest import assert_umask_modes
 from training import make_easy_vqa
 
 
@@ -195,3 +196,16 @@ def test_make_easy_vqa_converts_and_load_vqa_reads_it(tmp_path):
         assert item.question_type == expected, item.question
     assert build_answer_vocab(split.items, top_k=20)[:2] == ["yes", "no"]
     assert len(build_answer_vocab(split.items, top_k=20)) == 13
+
+
+def test_make_easy_vqa_files_get_the_modes_the_umask_implies(tmp_path, umask):
+    """The JSON files were chmod 0o644 whatever the umask; copied images follow it too."""
+    source = tmp_path / "source" / "train"
+    (source / "images").mkdir(parents=True)
+    Image.new("RGB", (8, 8), "red").save(source / "images" / "0.png")
+    (source / "questions.json").write_text(json.dumps([["what color is the shape?", "red", 0]]))
+    counts = make_easy_vqa.convert_split(
+        "train", tmp_path / "easy", source=tmp_path / "source", copy=True
+    )
+    assert counts == {"images": 1, "questions": 1}
+    assert_umask_modes(umask, tmp_path / "easy")

@@ -9,7 +9,7 @@ import pytest
 from captioner.caption.captioner import Captioner
 from captioner.data.shapes import generate_split
 from captioner.vocab import Vocabulary
-from tests.conftest import tiny_model
+from tests.conftest import assert_umask_modes, tiny_model
 from training import evaluate
 from training.make_shapes import write_split
 
@@ -86,6 +86,15 @@ def test_writes_every_metric_and_coco_results(split, capsys):
     assert all(set(r) == {"image_id", "caption"} and isinstance(r["caption"], str) for r in coco)
     err = capsys.readouterr().err
     assert "SPICE skipped" in err and "unreadable" in err
+
+
+def test_metrics_and_results_get_the_modes_the_umask_implies(split, tmp_path, umask):
+    root, _ = split
+    out = tmp_path / "eval"  # created by the writer
+    args = ("--out", str(out / "METRICS.json"), "--results", str(out / "results.json"))
+    evaluate.main(_args(root, "plain", *args))
+    assert sorted(p.name for p in out.iterdir()) == ["METRICS.json", "results.json"]
+    assert_umask_modes(umask, out)
 
 
 def test_model_without_attention_has_null_grounding(split):

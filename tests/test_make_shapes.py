@@ -7,6 +7,7 @@ from PIL import Image
 from pycocotools.coco import COCO
 
 from captioner.data.shapes import RGB, decode_mask, generate_split, score_caption
+from tests.conftest import assert_umask_modes
 from training.make_shapes import SPLITS, get_args_parser, main, write_split
 
 JSON_FILES = ("captions.json", "questions.json", "annotations.json", "objects.json")
@@ -126,6 +127,12 @@ def test_worker_processes_write_the_same_files(tmp_path):
     write_split(scenes, tmp_path / "one", split="train", workers=1)
     write_split(scenes, tmp_path / "two", split="train", workers=2)
     assert files(tmp_path / "one") == files(tmp_path / "two")
+
+
+def test_files_get_the_modes_the_umask_implies(tmp_path, umask):
+    make(tmp_path / "shapes", "--train", "2", "--val", "1", "--size", "32")
+    assert (tmp_path / "shapes" / "test" / "captions.json").is_file()
+    assert_umask_modes(umask, tmp_path / "shapes")
 
 
 def test_help_and_bad_counts(capsys, tmp_path):

@@ -8,7 +8,7 @@ from safetensors.torch import load_file
 
 from captioner.caption.captioner import Captioner
 from captioner.data.shapes import generate_split
-from tests.conftest import run_torchrun
+from tests.conftest import assert_umask_modes, run_torchrun
 from training.make_shapes import write_split
 from training.train_captioner import get_args_parser, main
 
@@ -53,6 +53,17 @@ def test_training_writes_run_folder_and_resume_continues_the_step_count(shapes, 
     assert [
         json.loads(line)["epoch"] for line in (out / "metrics.jsonl").read_text().splitlines()
     ] == [1, 2, 3]
+
+
+def test_run_folder_gets_the_modes_the_umask_implies(shapes, tmp_path, umask):
+    """args.json, metrics.jsonl (appended, then rewritten by --resume) and the best and last model
+    folders: what a plain mkdir()/open() would give under the umask."""
+    out = tmp_path / "run"
+    _run(_shapes_argv(shapes, out, 1, "--batch-size", "24"))  # one step
+    assert {p.name for p in out.iterdir()} >= {"args.json", "metrics.jsonl", "best", "last"}
+    assert_umask_modes(umask, out)
+    _run(["--out", str(out), "--resume", "--epochs", "1"])  # nothing left to train
+    assert_umask_modes(umask, out)
 
 
 def test_resume_matches_an_uninterrupted_run(shapes, tmp_path):

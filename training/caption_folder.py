@@ -44,6 +44,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from captioner.caption.captioner import Captioner
 from captioner.data.images import list_images
+from captioner.files import write_json_atomic, write_text_atomic
 from captioner.image import ImageError, load_image
 from captioner.overlay import attention_overlay
 from captioner.paths import DEFAULT_CAPTION_MODEL
@@ -55,8 +56,6 @@ from training.common import (
     batches,
     cleanup_distributed,
     setup_distributed,
-    write_json_atomic,
-    write_text_atomic,
 )
 
 STRIP_HEIGHT = 128  # pixels of each panel of an overlay strip, without its label
@@ -275,11 +274,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     d = setup_distributed(args.device)
     try:
         captioner = Captioner.load(args.model, device=d.device)
-        if (
-            args.overlays is not None
-            and not captioner.model.decoder.config.attention
-            and d.is_main
-        ):
+        if args.overlays is not None and not captioner.model.decoder.config.attention and d.is_main:
             print("caption_folder: the model has no attention; no overlays", file=sys.stderr)
         if d.is_main:
             consolidate(out, retry_errors=args.retry_errors)

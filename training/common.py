@@ -12,7 +12,6 @@ import math
 import os
 import random
 import sys
-import tempfile
 from collections.abc import Iterable, Iterator
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -21,6 +20,8 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+
+from captioner.files import write_text_atomic
 
 # -- distributed -------------------------------------------------------------------------------
 
@@ -166,22 +167,6 @@ def warmup_cosine(
 # -- run folders -------------------------------------------------------------------------------
 
 
-def write_json_atomic(path: str | Path, data: Any) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(data, f, indent=2)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 class MetricsLog:
     """Metrics per epoch as JSON lines (`metrics.jsonl`), and to TensorBoard when it is installed."""
 
@@ -231,15 +216,6 @@ def _position_of(line: str) -> tuple[int, int] | None:
         return int(record["step"]), int(record.get("epoch", 0))
     except (ValueError, KeyError, TypeError, AttributeError):
         return None
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 class EarlyStopping:

@@ -26,7 +26,7 @@ from captioner.caption.captioner import Captioner
 from captioner.data.captions import CaptionSet, load_coco_captions
 from captioner.evaluation.captions import caption_split, read_objects, score
 from captioner.evaluation.coco import SPICE_NOTE, java_available
-from training.common import write_json_atomic
+from captioner.files import write_json_atomic
 
 
 def get_args_parser() -> argparse.ArgumentParser:

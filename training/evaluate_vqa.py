@@ -19,9 +19,9 @@ from pathlib import Path
 
 from captioner.data.vqa import load_vqa, prepare
 from captioner.evaluation.answers import score
+from captioner.files import write_json_atomic
 from captioner.progress import progress
 from captioner.vqa.answerer import Answerer
-from training.common import write_json_atomic
 
 
 def get_args_parser() -> argparse.ArgumentParser:

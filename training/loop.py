@@ -33,6 +33,7 @@ from torch.nn.parallel import DistributedDataParallel
 from captioner.checkpoint import check_state_dict, load_model_dir, load_tensors, save_model_dir
 from captioner.data.images import ImageTensors
 from captioner.encoder import EncoderConfig
+from captioner.files import write_json_atomic
 from captioner.progress import progress
 from training.common import (
     Dist,
@@ -50,7 +51,6 @@ from training.common import (
     seed_everything,
     setup_distributed,
     warmup_cosine,
-    write_json_atomic,
 )
 
 # On --resume the run's own arguments come back from args.json, except these: the first are

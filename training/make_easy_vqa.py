@@ -16,11 +16,12 @@ import argparse
 import json
 import os
 import shutil
-import tempfile
 from collections import Counter
 from importlib import metadata, resources
 from pathlib import Path
 from typing import Any
+
+from captioner.files import write_text_atomic
 
 __all__ = ["SPLITS", "TEST_ID_OFFSET", "convert_split", "get_args_parser", "main", "question_type"]
 
@@ -58,15 +59,7 @@ def _place(src: Path, dst: Path, copy: bool) -> None:
 
 
 def _write_json(path: Path, data: Any) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(json.dumps(data, separators=(",", ":")) + "\n")  # dumps: the C encoder
-        os.chmod(tmp, 0o644)  # mkstemp makes it 0600
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_text_atomic(path, json.dumps(data, separators=(",", ":")) + "\n")  # dumps: the C encoder
 
 
 def convert_split(

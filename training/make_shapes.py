@@ -13,9 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import multiprocessing
-import os
 import re
-import tempfile
 from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
 from itertools import repeat
@@ -34,6 +32,7 @@ from captioner.data.shapes import (
     object_mask,
     render,
 )
+from captioner.files import write_text_atomic
 
 __all__ = [
     "generate_split",
@@ -84,15 +83,7 @@ def _render_scene(scene: Scene, images_dir: Path) -> list[dict[str, Any]]:
 
 
 def _write_json(path: Path, data: Any) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(data, f, separators=(",", ":"))
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_text_atomic(path, json.dumps(data, separators=(",", ":")) + "\n")
 
 
 def _vqa_records(scenes: Sequence[Scene]) -> tuple[list[dict], list[dict]]:
