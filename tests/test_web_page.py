@@ -174,6 +174,12 @@ def page_factory(browser, server):
         errors: list[str] = []
         page.on("pageerror", lambda exc: errors.append(str(exc)))
         page.js_errors = errors
+        console: list[str] = []
+        page.on("console", lambda m: m.type == "error" and console.append(f"{m.text} {m.location}"))
+        page.console_errors = console
+        responses: list[str] = []
+        page.on("response", lambda r: responses.append(r.url))
+        page.responses = responses
         page.goto(server.url + "/")
         page.wait_for_selector("#status[data-state='ready']")
         return page
@@ -282,6 +288,27 @@ def test_page_is_served_with_its_assets(server):
     for asset in ("static/app.js", "static/style.css"):
         assert f'"{asset}"' in page.text
         assert httpx.get(f"{server.url}/{asset}").status_code == 200
+
+
+def test_a_visit_has_a_favicon_and_no_console_errors(page_factory, server, scene_png):
+    page = page_factory()
+    page.set_input_files("#file", str(scene_png))
+    page.wait_for_selector("#caption .word")
+    page.locator("#caption .word").first.hover()
+    page.wait_for_selector("#heat[data-target='word:0']")
+    # Chromium asks for the icon once the page has loaded; wait for its answer before judging.
+    deadline = time.monotonic() + TIMEOUT_MS / 1000
+    while not any("favicon" in url for url in page.responses) and time.monotonic() < deadline:
+        page.wait_for_timeout(50)
+    assert page.console_errors == []
+    assert page.js_errors == []
+
+    links = page.eval_on_selector_all("link[rel='icon']", "links => links.map((l) => l.href)")
+    assert links and all(httpx.get(link).status_code == 200 for link in links), links
+    icon = httpx.get(server.url + "/favicon.ico")  # asked for by browsers on pages without a link
+    assert icon.status_code == 200
+    assert icon.headers["content-type"] in ("image/x-icon", "image/vnd.microsoft.icon")
+    assert Image.open(io.BytesIO(icon.content)).format == "ICO"
 
 
 def test_upload_shows_caption_and_each_words_attention(page_factory, server, scene_png):
