@@ -477,3 +477,87 @@ def test_without_attention_or_vqa_the_page_says_so(browser, tmp_path, scene_png)
             assert not visible(page, "#heat")
         finally:
             page.close()
+
+
+# -- the API docs in Chromium, offline --------------------------------------------------------------
+
+HTTP_METHODS = {"get", "put", "post", "delete", "options", "head", "patch", "trace"}
+
+
+@pytest.fixture
+def offline_page(browser, server):
+    """A tab that may reach only the test server: every request it sends is recorded
+    (`page.requests`) and those to any other origin are refused, as on a machine without internet.
+    (Requests that the browser itself refuses, as a Content-Security-Policy makes it, are not sent.)"""
+    context = browser.new_context(viewport={"width": 1280, "height": 900})
+    requests: list[str] = []
+    origin = server.url + "/"
+
+    def send(route) -> None:
+        requests.append(route.request.url)
+        if route.request.url.startswith(origin):
+            route.continue_()
+        else:
+            route.abort()
+
+    context.route("**/*", send)
+    page = context.new_page()
+    page.set_default_timeout(TIMEOUT_MS)
+    page.requests = requests
+    yield page
+    context.close()
+
+
+def operations(server) -> set[tuple[str, str]]:
+    """Every (method, path) that /openapi.json declares."""
+    paths = httpx.get(server.url + "/openapi.json").json()["paths"]
+    return {
+        (method, path) for path, item in paths.items() for method in item if method in HTTP_METHODS
+    }
+
+
+def outside(requests: list[str], server) -> list[str]:
+    return [url for url in requests if not url.startswith(server.url + "/")]
+
+
+def test_docs_link_opens_swagger_ui_with_every_operation_offline(offline_page, server):
+    page = offline_page
+    page.goto(server.url + "/")
+    page.wait_for_selector("#status[data-state='ready']")
+    page.click("a.docs")
+    page.wait_for_url(server.url + "/docs")
+    assert outside(page.requests, server) == []
+    page.wait_for_selector(".swagger-ui .opblock")
+    rendered = page.eval_on_selector_all(
+        ".swagger-ui .opblock",
+        "blocks => blocks.map((b) => [b.querySelector('.opblock-summary-method').textContent,"
+        " b.querySelector('.opblock-summary-path').dataset.path])",
+    )
+    assert {(method.lower(), path) for method, path in rendered} == operations(server)
+    assert page.locator(".swagger-ui .authorize").is_visible()  # the API key can be given here
+    screenshot(page, "docs-swagger.png")
+    assert f"{server.url}/static-offline-docs/swagger-ui-bundle.js" in page.requests
+    assert outside(page.requests, server) == []
+
+
+def test_redoc_renders_every_operation_offline(offline_page, server):
+    page = offline_page
+    page.goto(server.url + "/redoc")
+    assert outside(page.requests, server) == []
+    spec = httpx.get(server.url + "/openapi.json").json()
+    ids = {
+        op["operationId"]
+        for item in spec["paths"].values()
+        for m, op in item.items()
+        if m in HTTP_METHODS
+    }
+    assert len(ids) == len(operations(server))
+    page.wait_for_selector("[data-section-id^='operation/']")
+    rendered = page.eval_on_selector_all(
+        "[data-section-id^='operation/']",
+        "sections => sections.map((s) => s.dataset.sectionId.slice('operation/'.length))",
+    )
+    assert set(rendered) == ids
+    screenshot(page, "docs-redoc.png")
+    assert f"{server.url}/static-offline-docs/redoc.standalone.js" in page.requests
+    assert outside(page.requests, server) == []
