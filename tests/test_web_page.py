@@ -201,6 +201,14 @@ def visible(page, selector: str) -> bool:
     return page.locator(selector).is_visible()
 
 
+def broken_images(page) -> list[str]:
+    """The visible <img> elements that finished loading without a picture (a broken-image box)."""
+    return page.evaluate(
+        "() => Array.from(document.images).filter((img) => img.checkVisibility()"
+        " && img.complete && img.naturalWidth === 0).map((img) => img.id || img.src)"
+    )
+
+
 # -- the heatmap, computed as app.js should draw it ------------------------------------------------
 
 _ANCHORS = np.array(
@@ -423,6 +431,24 @@ def test_api_error_detail_is_shown(page_factory, server, tmp_path):
     assert page.get_attribute("#error", "data-status") == "415"
     assert "not an image the service can read" in message and detail in message
     assert page.js_errors == []
+
+
+def test_rejected_upload_leaves_no_broken_image(page_factory, tmp_path, scene_png):
+    text_file = tmp_path / "notes.txt"
+    text_file.write_text("this is not an image")
+    page = page_factory()
+    page.set_input_files("#file", str(text_file))
+    page.wait_for_selector("#error:not([hidden])")
+    page.wait_for_function("() => document.getElementById('photo').complete")
+    screenshot(page, "web-page-rejected-upload.png")
+    assert broken_images(page) == []
+
+    # The next good image is shown as usual.
+    page.set_input_files("#file", str(scene_png))
+    page.wait_for_selector("#caption .word")
+    page.wait_for_function("() => document.getElementById('photo').naturalWidth > 0")
+    assert visible(page, "#photo") and broken_images(page) == []
+    assert not visible(page, "#error")
 
 
 def test_phone_width_sample_scene(page_factory, server):

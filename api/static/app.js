@@ -177,6 +177,11 @@ function setImage(blob, reference) {
   runCaption();
 }
 
+// A file the browser cannot show (a text file: the API answers 415) leaves no broken-image box.
+function hideBrokenImage() {
+  if (els.photo.src === state.url) els.stage.hidden = true;
+}
+
 function fitFrame() {
   const { naturalWidth: w, naturalHeight: h } = els.photo;
   if (w && h) els.frame.style.setProperty("--aspect", String(w / h));
@@ -600,6 +605,7 @@ function init() {
     if (file) setImage(file, null);
   });
   els.photo.addEventListener("load", fitFrame);
+  els.photo.addEventListener("error", hideBrokenImage);
   els.beam.addEventListener("change", runCaption);
   els.askForm.addEventListener("submit", (event) => {
     event.preventDefault();
