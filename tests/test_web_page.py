@@ -142,6 +142,14 @@ def scene_png(tmp_path_factory) -> Path:
     return path
 
 
+@pytest.fixture(scope="module")
+def portrait_png(tmp_path_factory) -> Path:
+    """A tall photo: at 1280x900 its frame (70% of the window's height) reaches below the fold."""
+    path = tmp_path_factory.mktemp("images") / "portrait.png"
+    render(make_scene(7, size=96)).resize((400, 1000)).save(path)
+    return path
+
+
 # -- the browser ------------------------------------------------------------------------------------
 
 
@@ -206,6 +214,33 @@ def broken_images(page) -> list[str]:
     return page.evaluate(
         "() => Array.from(document.images).filter((img) => img.checkVisibility()"
         " && img.complete && img.naturalWidth === 0).map((img) => img.id || img.src)"
+    )
+
+
+def settle(page, x: float, y: float) -> None:
+    """Wait until any scroll has stopped and the browser's hover state has caught up with the
+    element now under the (still) pointer at (x, y): Chromium moves hover after a scroll ends."""
+    page.evaluate(
+        """() => new Promise((resolve) => {
+          let last = scrollY, still = 0;
+          const tick = () => {
+            if (scrollY === last) still += 1; else { last = scrollY; still = 0; }
+            if (still >= 5) resolve(); else requestAnimationFrame(tick);
+          };
+          requestAnimationFrame(tick);
+        })"""
+    )
+    page.wait_for_function(
+        "([x, y]) => { const el = document.elementFromPoint(x, y); return !el || el.matches(':hover'); }",
+        arg=[x, y],
+    )
+
+
+def word_under(page, x: float, y: float) -> str | None:
+    return page.evaluate(
+        "([x, y]) => { const el = document.elementFromPoint(x, y);"
+        " return el && el.matches('#caption .word') ? el.dataset.index : null; }",
+        [x, y],
     )
 
 
@@ -356,6 +391,47 @@ def test_upload_shows_caption_and_each_words_attention(page_factory, server, sce
     words.nth(1).click()
     page.mouse.move(1, 1)
     page.wait_for_selector("#heat", state="hidden")
+    assert page.js_errors == []
+
+
+def test_pinned_word_keeps_its_map_when_the_page_scrolls_under_the_pointer(
+    page_factory, portrait_png
+):
+    """A tall photo at 1280x900: the clicked word's map stays while the pointer stays where it was,
+    whatever a scroll brings under it (Chromium sends mouseenter, not mousemove, after a scroll)."""
+    page = page_factory(width=1280, height=900)
+    page.set_input_files("#file", str(portrait_png))
+    page.wait_for_selector("#caption .word")
+    words = page.locator("#caption .word")
+    token = words.first.inner_text()
+    box = words.first.bounding_box()
+    x, y = box["x"] + box["width"] / 2, box["y"] + box["height"] / 2
+
+    def assert_shows_the_pinned_word(when: str) -> None:
+        shown = (page.get_attribute("#heat", "data-target"), page.inner_text("#heat-label"))
+        moved = page.evaluate("() => scrollY")
+        assert shown[0] == "word:0" and f"“{token}”" in shown[1], (when, shown, moved)
+        assert words.first.get_attribute("aria-pressed") == "true"
+
+    words.first.click()  # the pointer stays on the word's centre from here on
+    settle(page, x, y)
+    assert_shows_the_pinned_word("after the click")
+    # The image was in view beside the caption: nothing to reveal, so the page did not move.
+    assert page.evaluate("() => scrollY") == 0
+
+    # Scroll by a line: another word comes under the still pointer; the pinned map stays.
+    page.evaluate("(dy) => window.scrollBy(0, dy)", box["height"])
+    under = word_under(page, x, y)
+    assert under not in (None, "0"), "the scroll should bring another word under the pointer"
+    settle(page, x, y)
+    assert_shows_the_pinned_word("after a scroll")
+
+    # Moving the pointer still previews the word under it; leaving shows the pinned word again.
+    page.mouse.move(x + 1, y)
+    page.wait_for_selector(f"#heat[data-target='word:{under}']")
+    page.mouse.move(1, 1)
+    page.wait_for_selector("#heat[data-target='word:0']")
+    screenshot(page, "web-page-portrait.png")
     assert page.js_errors == []
 
 
