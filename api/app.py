@@ -19,6 +19,7 @@ from typing import Any
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.staticfiles import StaticFiles
+from fastapi_offline import FastAPIOffline
 from starlette.concurrency import run_in_threadpool
 
 from captioner import __version__
@@ -26,7 +27,7 @@ from captioner import __version__
 from . import errors
 from .logs import RequestLogMiddleware
 from .prometheus import Metrics
-from .routes import caption, health, page, samples, vqa
+from .routes import caption, docs, health, page, samples, vqa
 from .routes.page import STATIC_DIR
 from .services import CaptionService, VQAService
 from .settings import Settings, get_settings
@@ -107,11 +108,14 @@ def body_limits(settings: Settings) -> Callable[[str], int]:
 
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or get_settings()
-    app = FastAPI(
+    app = FastAPIOffline(  # /docs from local assets, not a CDN; /redoc is routes/docs.py
         title="captioner",
         version=__version__,
         summary="Image captioning (Show, Attend and Tell) and visual question answering",
         lifespan=lifespan,
+        redoc_url=None,
+        static_url=docs.DOCS_STATIC,
+        favicon_url=docs.FAVICON,
     )
     app.state.settings = settings
     app.state.metrics = Metrics()
@@ -121,7 +125,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         for name, (path, _, _) in _models(settings).items()
     }
     errors.install(app)
-    for router in (health.router, caption.router, vqa.router, samples.router, page.router):
+    routers = (health.router, caption.router, vqa.router, samples.router, page.router, docs.router)
+    for router in routers:
         app.include_router(router)
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
 

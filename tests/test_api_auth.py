@@ -64,6 +64,7 @@ def test_open_endpoints(client):
     assert client.get("/ready").status_code == 200
     assert client.get("/").status_code == 200
     assert client.get("/docs").status_code == 200
+    assert client.get("/redoc").status_code == 200
     assert client.get("/openapi.json").status_code == 200
     assert client.get("/samples/scene?seed=1&size=32").status_code == 200  # no model involved
     assert client.get("/metrics", headers={"X-API-Key": KEY}).status_code == 200

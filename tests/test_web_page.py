@@ -142,6 +142,14 @@ def scene_png(tmp_path_factory) -> Path:
     return path
 
 
+@pytest.fixture(scope="module")
+def portrait_png(tmp_path_factory) -> Path:
+    """A tall photo: at 1280x900 its frame (70% of the window's height) reaches below the fold."""
+    path = tmp_path_factory.mktemp("images") / "portrait.png"
+    render(make_scene(7, size=96)).resize((400, 1000)).save(path)
+    return path
+
+
 # -- the browser ------------------------------------------------------------------------------------
 
 
@@ -174,6 +182,12 @@ def page_factory(browser, server):
         errors: list[str] = []
         page.on("pageerror", lambda exc: errors.append(str(exc)))
         page.js_errors = errors
+        console: list[str] = []
+        page.on("console", lambda m: m.type == "error" and console.append(f"{m.text} {m.location}"))
+        page.console_errors = console
+        responses: list[str] = []
+        page.on("response", lambda r: responses.append(r.url))
+        page.responses = responses
         page.goto(server.url + "/")
         page.wait_for_selector("#status[data-state='ready']")
         return page
@@ -193,6 +207,41 @@ def screenshot(page, name: str) -> Path:
 
 def visible(page, selector: str) -> bool:
     return page.locator(selector).is_visible()
+
+
+def broken_images(page) -> list[str]:
+    """The visible <img> elements that finished loading without a picture (a broken-image box)."""
+    return page.evaluate(
+        "() => Array.from(document.images).filter((img) => img.checkVisibility()"
+        " && img.complete && img.naturalWidth === 0).map((img) => img.id || img.src)"
+    )
+
+
+def settle(page, x: float, y: float) -> None:
+    """Wait until any scroll has stopped and the browser's hover state has caught up with the
+    element now under the (still) pointer at (x, y): Chromium moves hover after a scroll ends."""
+    page.evaluate(
+        """() => new Promise((resolve) => {
+          let last = scrollY, still = 0;
+          const tick = () => {
+            if (scrollY === last) still += 1; else { last = scrollY; still = 0; }
+            if (still >= 5) resolve(); else requestAnimationFrame(tick);
+          };
+          requestAnimationFrame(tick);
+        })"""
+    )
+    page.wait_for_function(
+        "([x, y]) => { const el = document.elementFromPoint(x, y); return !el || el.matches(':hover'); }",
+        arg=[x, y],
+    )
+
+
+def word_under(page, x: float, y: float) -> str | None:
+    return page.evaluate(
+        "([x, y]) => { const el = document.elementFromPoint(x, y);"
+        " return el && el.matches('#caption .word') ? el.dataset.index : null; }",
+        [x, y],
+    )
 
 
 # -- the heatmap, computed as app.js should draw it ------------------------------------------------
@@ -284,6 +333,27 @@ def test_page_is_served_with_its_assets(server):
         assert httpx.get(f"{server.url}/{asset}").status_code == 200
 
 
+def test_a_visit_has_a_favicon_and_no_console_errors(page_factory, server, scene_png):
+    page = page_factory()
+    page.set_input_files("#file", str(scene_png))
+    page.wait_for_selector("#caption .word")
+    page.locator("#caption .word").first.hover()
+    page.wait_for_selector("#heat[data-target='word:0']")
+    # Chromium asks for the icon once the page has loaded; wait for its answer before judging.
+    deadline = time.monotonic() + TIMEOUT_MS / 1000
+    while not any("favicon" in url for url in page.responses) and time.monotonic() < deadline:
+        page.wait_for_timeout(50)
+    assert page.console_errors == []
+    assert page.js_errors == []
+
+    links = page.eval_on_selector_all("link[rel='icon']", "links => links.map((l) => l.href)")
+    assert links and all(httpx.get(link).status_code == 200 for link in links), links
+    icon = httpx.get(server.url + "/favicon.ico")  # asked for by browsers on pages without a link
+    assert icon.status_code == 200
+    assert icon.headers["content-type"] in ("image/x-icon", "image/vnd.microsoft.icon")
+    assert Image.open(io.BytesIO(icon.content)).format == "ICO"
+
+
 def test_upload_shows_caption_and_each_words_attention(page_factory, server, scene_png):
     page = page_factory()
     page.set_input_files("#file", str(scene_png))
@@ -321,6 +391,47 @@ def test_upload_shows_caption_and_each_words_attention(page_factory, server, sce
     words.nth(1).click()
     page.mouse.move(1, 1)
     page.wait_for_selector("#heat", state="hidden")
+    assert page.js_errors == []
+
+
+def test_pinned_word_keeps_its_map_when_the_page_scrolls_under_the_pointer(
+    page_factory, portrait_png
+):
+    """A tall photo at 1280x900: the clicked word's map stays while the pointer stays where it was,
+    whatever a scroll brings under it (Chromium sends mouseenter, not mousemove, after a scroll)."""
+    page = page_factory(width=1280, height=900)
+    page.set_input_files("#file", str(portrait_png))
+    page.wait_for_selector("#caption .word")
+    words = page.locator("#caption .word")
+    token = words.first.inner_text()
+    box = words.first.bounding_box()
+    x, y = box["x"] + box["width"] / 2, box["y"] + box["height"] / 2
+
+    def assert_shows_the_pinned_word(when: str) -> None:
+        shown = (page.get_attribute("#heat", "data-target"), page.inner_text("#heat-label"))
+        moved = page.evaluate("() => scrollY")
+        assert shown[0] == "word:0" and f"“{token}”" in shown[1], (when, shown, moved)
+        assert words.first.get_attribute("aria-pressed") == "true"
+
+    words.first.click()  # the pointer stays on the word's centre from here on
+    settle(page, x, y)
+    assert_shows_the_pinned_word("after the click")
+    # The image was in view beside the caption: nothing to reveal, so the page did not move.
+    assert page.evaluate("() => scrollY") == 0
+
+    # Scroll by a line: another word comes under the still pointer; the pinned map stays.
+    page.evaluate("(dy) => window.scrollBy(0, dy)", box["height"])
+    under = word_under(page, x, y)
+    assert under not in (None, "0"), "the scroll should bring another word under the pointer"
+    settle(page, x, y)
+    assert_shows_the_pinned_word("after a scroll")
+
+    # Moving the pointer still previews the word under it; leaving shows the pinned word again.
+    page.mouse.move(x + 1, y)
+    page.wait_for_selector(f"#heat[data-target='word:{under}']")
+    page.mouse.move(1, 1)
+    page.wait_for_selector("#heat[data-target='word:0']")
+    screenshot(page, "web-page-portrait.png")
     assert page.js_errors == []
 
 
@@ -398,6 +509,24 @@ def test_api_error_detail_is_shown(page_factory, server, tmp_path):
     assert page.js_errors == []
 
 
+def test_rejected_upload_leaves_no_broken_image(page_factory, tmp_path, scene_png):
+    text_file = tmp_path / "notes.txt"
+    text_file.write_text("this is not an image")
+    page = page_factory()
+    page.set_input_files("#file", str(text_file))
+    page.wait_for_selector("#error:not([hidden])")
+    page.wait_for_function("() => document.getElementById('photo').complete")
+    screenshot(page, "web-page-rejected-upload.png")
+    assert broken_images(page) == []
+
+    # The next good image is shown as usual.
+    page.set_input_files("#file", str(scene_png))
+    page.wait_for_selector("#caption .word")
+    page.wait_for_function("() => document.getElementById('photo').naturalWidth > 0")
+    assert visible(page, "#photo") and broken_images(page) == []
+    assert not visible(page, "#error")
+
+
 def test_phone_width_sample_scene(page_factory, server):
     page = page_factory(width=390, height=844)
     page.click("#sample")
@@ -450,3 +579,87 @@ def test_without_attention_or_vqa_the_page_says_so(browser, tmp_path, scene_png)
             assert not visible(page, "#heat")
         finally:
             page.close()
+
+
+# -- the API docs in Chromium, offline --------------------------------------------------------------
+
+HTTP_METHODS = {"get", "put", "post", "delete", "options", "head", "patch", "trace"}
+
+
+@pytest.fixture
+def offline_page(browser, server):
+    """A tab that may reach only the test server: every request it sends is recorded
+    (`page.requests`) and those to any other origin are refused, as on a machine without internet.
+    (Requests that the browser itself refuses, as a Content-Security-Policy makes it, are not sent.)"""
+    context = browser.new_context(viewport={"width": 1280, "height": 900})
+    requests: list[str] = []
+    origin = server.url + "/"
+
+    def send(route) -> None:
+        requests.append(route.request.url)
+        if route.request.url.startswith(origin):
+            route.continue_()
+        else:
+            route.abort()
+
+    context.route("**/*", send)
+    page = context.new_page()
+    page.set_default_timeout(TIMEOUT_MS)
+    page.requests = requests
+    yield page
+    context.close()
+
+
+def operations(server) -> set[tuple[str, str]]:
+    """Every (method, path) that /openapi.json declares."""
+    paths = httpx.get(server.url + "/openapi.json").json()["paths"]
+    return {
+        (method, path) for path, item in paths.items() for method in item if method in HTTP_METHODS
+    }
+
+
+def outside(requests: list[str], server) -> list[str]:
+    return [url for url in requests if not url.startswith(server.url + "/")]
+
+
+def test_docs_link_opens_swagger_ui_with_every_operation_offline(offline_page, server):
+    page = offline_page
+    page.goto(server.url + "/")
+    page.wait_for_selector("#status[data-state='ready']")
+    page.click("a.docs")
+    page.wait_for_url(server.url + "/docs")
+    assert outside(page.requests, server) == []
+    page.wait_for_selector(".swagger-ui .opblock")
+    rendered = page.eval_on_selector_all(
+        ".swagger-ui .opblock",
+        "blocks => blocks.map((b) => [b.querySelector('.opblock-summary-method').textContent,"
+        " b.querySelector('.opblock-summary-path').dataset.path])",
+    )
+    assert {(method.lower(), path) for method, path in rendered} == operations(server)
+    assert page.locator(".swagger-ui .authorize").is_visible()  # the API key can be given here
+    screenshot(page, "docs-swagger.png")
+    assert f"{server.url}/static-offline-docs/swagger-ui-bundle.js" in page.requests
+    assert outside(page.requests, server) == []
+
+
+def test_redoc_renders_every_operation_offline(offline_page, server):
+    page = offline_page
+    page.goto(server.url + "/redoc")
+    assert outside(page.requests, server) == []
+    spec = httpx.get(server.url + "/openapi.json").json()
+    ids = {
+        op["operationId"]
+        for item in spec["paths"].values()
+        for m, op in item.items()
+        if m in HTTP_METHODS
+    }
+    assert len(ids) == len(operations(server))
+    page.wait_for_selector("[data-section-id^='operation/']")
+    rendered = page.eval_on_selector_all(
+        "[data-section-id^='operation/']",
+        "sections => sections.map((s) => s.dataset.sectionId.slice('operation/'.length))",
+    )
+    assert set(rendered) == ids
+    screenshot(page, "docs-redoc.png")
+    assert f"{server.url}/static-offline-docs/redoc.standalone.js" in page.requests
+    assert outside(page.requests, server) == []

@@ -177,6 +177,11 @@ function setImage(blob, reference) {
   runCaption();
 }
 
+// A file the browser cannot show (a text file: the API answers 415) leaves no broken-image box.
+function hideBrokenImage() {
+  if (els.photo.src === state.url) els.stage.hidden = true;
+}
+
 function fitFrame() {
   const { naturalWidth: w, naturalHeight: h } = els.photo;
   if (w && h) els.frame.style.setProperty("--aspect", String(w / h));
@@ -253,7 +258,11 @@ function renderCaption(result) {
       word.type = "button";
       word.setAttribute("aria-pressed", "false");
       word.setAttribute("aria-label", `${token}: show its attention map`);
-      word.addEventListener("mouseenter", () => preview({ kind: "word", index }));
+      // On pointer movement, not mouseenter: Chromium sends mouseenter (and no mousemove) to the
+      // word that a scroll brings under a still pointer, which would replace a just-pinned map.
+      word.addEventListener("mousemove", () => {
+        if (els.heat.dataset.target !== `word:${index}`) preview({ kind: "word", index });
+      });
       word.addEventListener("focus", () => preview({ kind: "word", index }));
       word.addEventListener("mouseleave", () => preview(null));
       word.addEventListener("blur", () => preview(null));
@@ -408,11 +417,14 @@ function togglePin(target) {
   pin(sameTarget(state.pinned, target) ? null : target);
 }
 
-// On a phone the image may have scrolled away above the caption: bring it back into view.
+// On a phone the image may have scrolled away above the caption: bring it back into view. Not
+// when most of it is in view: beside the caption a tall image may end a little below the fold,
+// and scrolling for that moves the caption under the pointer.
 function revealImage() {
   if (els.heat.hidden) return;
   const box = els.frame.getBoundingClientRect();
-  if (box.top >= 0 && box.bottom <= window.innerHeight) return;
+  const inView = Math.min(box.bottom, window.innerHeight) - Math.max(box.top, 0);
+  if (inView >= box.height / 2) return;
   const still = window.matchMedia("(prefers-reduced-motion: reduce)").matches;
   els.frame.scrollIntoView({ block: "nearest", behavior: still ? "auto" : "smooth" });
 }
@@ -600,6 +612,7 @@ function init() {
     if (file) setImage(file, null);
   });
   els.photo.addEventListener("load", fitFrame);
+  els.photo.addEventListener("error", hideBrokenImage);
   els.beam.addEventListener("change", runCaption);
   els.askForm.addEventListener("submit", (event) => {
     event.preventDefault();
