@@ -55,6 +55,7 @@ from training.common import (
     barrier,
     batches,
     cleanup_distributed,
+    run_script,
     setup_distributed,
 )
 
@@ -310,8 +311,4 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    try:
-        main(get_args_parser().parse_args())
-    except ValueError as exc:
-        print(f"caption_folder: error: {exc}", file=sys.stderr)
-        sys.exit(2)
+    run_script(main, get_args_parser(), "caption_folder")

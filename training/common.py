@@ -313,3 +313,15 @@ def load_encoder_from(encoder: torch.nn.Module, folder: str | Path) -> dict[str,
     state = {k.removeprefix("encoder."): v for k, v in weights.items() if k.startswith("encoder.")}
     encoder.load_state_dict(state, strict=True)
     return {"folder": str(folder), "kind": kind, "name": config.get("name"), "tensors": len(state)}
+
+
+# -- scripts ---------------------------------------------------------------------------------------
+
+
+def run_script(main_fn, parser, script: str) -> None:
+    """`python -m training.SCRIPT`: bad arguments or data end with the reason and exit code 2."""
+    try:
+        main_fn(parser.parse_args())
+    except ValueError as exc:
+        print(f"{script}: error: {exc}", file=sys.stderr)
+        sys.exit(2)

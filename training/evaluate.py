@@ -27,6 +27,7 @@ from captioner.data.captions import CaptionSet, load_coco_captions
 from captioner.evaluation.captions import caption_split, read_objects, score
 from captioner.evaluation.coco import SPICE_NOTE, java_available
 from captioner.files import write_json_atomic
+from training.common import run_script
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -106,8 +107,4 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    try:
-        main(get_args_parser().parse_args())
-    except ValueError as exc:
-        print(f"evaluate: error: {exc}", file=sys.stderr)
-        sys.exit(2)
+    run_script(main, get_args_parser(), "evaluate")

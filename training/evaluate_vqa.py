@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -22,6 +21,7 @@ from captioner.evaluation.answers import score
 from captioner.files import write_json_atomic
 from captioner.progress import progress
 from captioner.vqa.answerer import Answerer
+from training.common import run_script
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -76,8 +76,4 @@ def main(args: argparse.Namespace) -> dict:
 
 
 if __name__ == "__main__":
-    try:
-        main(get_args_parser().parse_args())
-    except ValueError as exc:
-        print(f"evaluate_vqa: error: {exc}", file=sys.stderr)
-        sys.exit(2)
+    run_script(main, get_args_parser(), "evaluate_vqa")

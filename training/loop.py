@@ -465,12 +465,3 @@ def sync_buffers(model: nn.Module, d: Dist) -> None:
     if d.enabled:
         for buffer in model.buffers():
             torch.distributed.broadcast(buffer, src=0)
-
-
-def run_script(main_fn: Callable[[argparse.Namespace], Any], parser, script: str) -> None:
-    """`python -m training.SCRIPT`: bad arguments or data end with the reason and exit code 2."""
-    try:
-        main_fn(parser.parse_args())
-    except ValueError as exc:
-        print(f"{script}: error: {exc}", file=sys.stderr)
-        sys.exit(2)

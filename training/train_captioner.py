@@ -37,7 +37,10 @@ from captioner.evaluation.captions import caption_split, read_objects, score
 from captioner.progress import progress
 from captioner.vocab import Vocabulary
 from training import loop
-from training.common import epoch_order, grouped_epoch_order
+from training.common import epoch_order, grouped_epoch_order, run_script
+
+# DecoderConfig fields given by the command-line arguments of the same name
+NET_ARGS = ("embed_dim", "hidden_dim", "attention_dim", "cell", "dropout", "positional")
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -151,16 +154,11 @@ class CaptionTask(loop.Task):
         return CaptionNet.build(
             loop.encoder_config(args),
             vocab_size=len(self.vocab),
-            embed_dim=args.embed_dim,
-            hidden_dim=args.hidden_dim,
-            attention_dim=args.attention_dim,
-            attention=not args.no_attention,
-            cell=args.cell,
-            num_layers=args.layers,
-            dropout=args.dropout,
-            positional=args.positional,
-            doubly_stochastic=args.alpha_c,
             pad_id=self.vocab.pad_id,
+            attention=not args.no_attention,
+            num_layers=args.layers,
+            doubly_stochastic=args.alpha_c,
+            **{name: getattr(args, name) for name in NET_ARGS},
         )
 
     def wrap(self, model: CaptionNet, name: str, version: str) -> Captioner:
@@ -264,4 +262,4 @@ def main(args: argparse.Namespace, argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    loop.run_script(main, get_args_parser(), "train_captioner")
+    run_script(main, get_args_parser(), "train_captioner")

@@ -30,7 +30,19 @@ from captioner.vocab import Vocabulary
 from captioner.vqa.answerer import ANSWERS, QUESTION_VOCAB, Answerer, encode_questions
 from captioner.vqa.net import VQANet
 from training import loop
-from training.common import epoch_order
+from training.common import epoch_order, run_script
+
+# VQAConfig fields given by the command-line arguments of the same name
+NET_ARGS = ("embed_dim", "hidden_dim", "cell", "glimpses", "attention_dim", "fusion_dim")
+NET_ARGS += (
+    "positional",
+    "coords",
+    "count",
+    "stacked",
+    "question_attention",
+    "relative",
+    "dropout",
+)
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -131,22 +143,10 @@ class VQATask(loop.Task):
             loop.encoder_config(args),
             question_vocab_size=len(self.vocab),
             num_answers=len(self.answers),
-            embed_dim=args.embed_dim,
-            hidden_dim=args.hidden_dim,
-            cell=args.cell,
-            attention=not args.no_attention,
-            glimpses=args.glimpses,
-            attention_dim=args.attention_dim,
-            fusion_dim=args.fusion_dim,
-            positional=args.positional,
-            coords=args.coords,
-            count=args.count,
-            stacked=args.stacked,
-            question_attention=args.question_attention,
-            relative=args.relative,
-            normalize=not args.no_normalize,
-            dropout=args.dropout,
             pad_id=self.vocab.pad_id,
+            attention=not args.no_attention,
+            normalize=not args.no_normalize,
+            **{name: getattr(args, name) for name in NET_ARGS},
         )
 
     def wrap(self, model: VQANet, name: str, version: str) -> Answerer:
@@ -209,4 +209,4 @@ def main(args: argparse.Namespace, argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    loop.run_script(main, get_args_parser(), "train_vqa")
+    run_script(main, get_args_parser(), "train_vqa")
