@@ -222,10 +222,10 @@ def save_untrained_models(folder: Path) -> dict[str, Path]:
     import torch
 
     from captioner import Answerer, Captioner
-    from captioner.caption.net import CaptionNet
+    from captioner.caption.caption_net import CaptionNet
     from captioner.encoder import EncoderConfig
     from captioner.vocab import Vocabulary
-    from captioner.vqa.net import VQANet
+    from captioner.vqa.vqa_net import VQANet
 
     torch.manual_seed(0)
     encoder = EncoderConfig(name="small_cnn", input_size=32, grid_size=4, width=4)

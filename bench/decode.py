@@ -24,7 +24,7 @@ import torch.fx.experimental.optimization as fx_opt
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from captioner.caption.net import CaptionNet
+from captioner.caption.caption_net import CaptionNet
 from captioner.caption.search import beam_search
 from captioner.encoder import Encoder, EncoderConfig
 from captioner.vocab import Vocabulary

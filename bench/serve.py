@@ -36,8 +36,8 @@ import numpy as np
 import torch
 from procs import cpu_seconds, free_port, proc_mib, stop_server
 
+from captioner.caption.caption_net import CaptionNet
 from captioner.caption.captioner import Captioner
-from captioner.caption.net import CaptionNet
 from captioner.data.shapes import generate_split, render
 from captioner.encoder import EncoderConfig
 from captioner.paths import DEFAULT_CAPTION_MODEL

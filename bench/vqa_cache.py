@@ -31,7 +31,7 @@ from captioner.encoder import ENCODERS, EncoderConfig
 from captioner.paths import DEFAULT_VQA_MODEL
 from captioner.vocab import Vocabulary
 from captioner.vqa.answerer import Answerer
-from captioner.vqa.net import VQANet
+from captioner.vqa.vqa_net import VQANet
 
 QUESTIONS = [
     "what color is the circle?",

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from captioner.caption.net import CaptionNet
+from captioner.caption.caption_net import CaptionNet
 from captioner.encoder import EncoderConfig
 from captioner.vocab import Vocabulary
 

@@ -54,3 +54,32 @@ def test_unreadable_image_is_reported_and_others_still_captioned(tmp_path, capti
 def test_missing_model_folder_is_a_clear_error(tmp_path, capsys):
     assert main(["caption", "x.png", "--model", str(tmp_path / "none")]) == 2
     assert "model folder not found" in capsys.readouterr().err
+
+
+def test_the_cli_prints_what_the_api_returns(tmp_path, capsys):
+    """One serialiser per result: `captioner caption`/`ask` print the HTTP API's JSON, plus the
+    image's path, for the same request."""
+    from api.app import create_app
+    from tests.api_fixtures import TestClient, png, save_tiny_captioner, save_tiny_vqa, settings
+
+    cap, vqa = save_tiny_captioner(tmp_path / "cap"), save_tiny_vqa(tmp_path / "vqa", glimpses=2)
+    image = tmp_path / "scene.png"
+    image.write_bytes(png(3))
+    question = "what color is the circle?"
+    with TestClient(create_app(settings(caption_model=cap, vqa_model=vqa))) as client:
+        for fmt in ("grid", "png", "none"):
+            files = {"image": ("scene.png", image.read_bytes(), "image/png")}
+            api = client.post(f"/caption?attention={fmt}&beam_size=2", files=files).json()
+            assert main(["caption", str(image), "--model", str(cap), "--beam-size", "2",
+                         "--attention", fmt]) == 0  # fmt: skip
+            printed = json.loads(capsys.readouterr().out)
+            assert printed.pop("image") == str(image)
+            assert printed == api and (api["attention"] is None) == (fmt == "none")
+
+            data = {"question": question}
+            api = client.post(f"/vqa?attention={fmt}&top_k=2", files=files, data=data).json()
+            assert main(["ask", str(image), question, "--model", str(vqa), "--top-k", "2",
+                         "--attention", fmt]) == 0  # fmt: skip
+            printed = json.loads(capsys.readouterr().out)
+            assert printed.pop("image") == str(image)
+            assert printed == api and len(api["top_answers"]) == 2

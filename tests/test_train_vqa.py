@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from captioner.data.shapes import generate_split
-from captioner.data.vqa import load_split, prepare
-from captioner.evaluation.answers import annotations_of
+from captioner.data.vqa_data import load_split, prepare
+from captioner.evaluation.vqa_scores import annotations_of
 from captioner.vqa.answerer import Answerer
 from tests.conftest import run_torchrun
 from training import evaluate_vqa, train_vqa

@@ -5,7 +5,7 @@ import torch
 
 from captioner.vocab import Vocabulary
 from captioner.vqa.answerer import encode_questions
-from captioner.vqa.net import VQAConfig, VQANet, soft_cross_entropy
+from captioner.vqa.vqa_net import VQAConfig, VQANet, soft_cross_entropy
 from tests.conftest import tiny_encoder_config
 
 QUESTIONS = [

@@ -23,8 +23,8 @@ import time
 from typing import Any
 
 from captioner.caption.captioner import Captioner
-from captioner.data.captions import CaptionSet, load_coco_captions
-from captioner.evaluation.captions import caption_split, read_objects, score
+from captioner.data.caption_data import CaptionSet, load_coco_captions
+from captioner.evaluation.caption_scores import caption_split, read_objects, score
 from captioner.evaluation.coco import SPICE_NOTE, java_available
 from captioner.files import write_json_atomic
 from training.common import run_script

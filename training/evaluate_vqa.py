@@ -16,8 +16,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from captioner.data.vqa import load_vqa, prepare
-from captioner.evaluation.answers import score
+from captioner.data.vqa_data import load_vqa, prepare
+from captioner.evaluation.vqa_scores import score
 from captioner.files import write_json_atomic
 from captioner.progress import progress
 from captioner.vqa.answerer import Answerer

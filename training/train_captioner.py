@@ -23,9 +23,9 @@ from typing import Any
 
 import torch
 
+from captioner.caption.caption_net import CaptionNet
 from captioner.caption.captioner import Captioner
-from captioner.caption.net import CaptionNet
-from captioner.data.captions import (
+from captioner.data.caption_data import (
     CaptionSet,
     drop_unreadable,
     encode_captions,
@@ -33,7 +33,7 @@ from captioner.data.captions import (
     load_karpathy,
 )
 from captioner.data.images import ImageTensors
-from captioner.evaluation.captions import caption_split, read_objects, score
+from captioner.evaluation.caption_scores import caption_split, read_objects, score
 from captioner.progress import progress
 from captioner.vocab import Vocabulary
 from training import loop

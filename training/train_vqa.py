@@ -23,12 +23,18 @@ from typing import Any
 import torch
 
 from captioner.data.images import ImageTensors
-from captioner.data.vqa import PreparedSplit, build_answer_vocab, load_split, prepare, soft_targets
-from captioner.evaluation.answers import score
+from captioner.data.vqa_data import (
+    PreparedSplit,
+    build_answer_vocab,
+    load_split,
+    prepare,
+    soft_targets,
+)
+from captioner.evaluation.vqa_scores import score
 from captioner.progress import progress
 from captioner.vocab import Vocabulary
 from captioner.vqa.answerer import ANSWERS, QUESTION_VOCAB, Answerer, encode_questions
-from captioner.vqa.net import VQANet
+from captioner.vqa.vqa_net import VQANet
 from training import loop
 from training.common import epoch_order, run_script
 

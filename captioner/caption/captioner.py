@@ -16,8 +16,8 @@ from typing import Any
 
 import torch
 
+from captioner.caption.caption_net import CaptionNet
 from captioner.caption.decoder import DecoderConfig
-from captioner.caption.net import CaptionNet
 from captioner.caption.search import Hypothesis, beam_search, greedy, sample
 from captioner.checkpoint import ModelDirError, build_checked, load_model_dir, save_model_dir
 from captioner.encoder import EncoderConfig

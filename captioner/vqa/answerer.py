@@ -34,8 +34,8 @@ from captioner.image import (
 )
 from captioner.results import AnswerResult
 from captioner.vocab import Vocabulary
-from captioner.vqa.cache import FeatureCache, key_for
-from captioner.vqa.net import VQAConfig, VQANet
+from captioner.vqa.feature_cache import FeatureCache, key_for
+from captioner.vqa.vqa_net import VQAConfig, VQANet
 
 ANSWERS, QUESTION_VOCAB = "answers.json", "question_vocab.json"
 

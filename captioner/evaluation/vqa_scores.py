@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from captioner.data.vqa import PreparedSplit, VQASplit
+from captioner.data.vqa_data import PreparedSplit, VQASplit
 from captioner.evaluation.vqa_accuracy import evaluate
 from captioner.progress import progress
 from captioner.vqa.answerer import Answerer

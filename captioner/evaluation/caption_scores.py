@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from captioner.caption.captioner import Captioner
-from captioner.data.captions import CaptionSet
+from captioner.data.caption_data import CaptionSet
 from captioner.data.images import ImageTensors
 from captioner.evaluation.coco import COCO_METRICS, coco_scores, leave_one_out
 from captioner.evaluation.grounding import grounding, object_scene_accuracy

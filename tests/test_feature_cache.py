@@ -5,7 +5,7 @@ import threading
 import pytest
 import torch
 
-from captioner.vqa.cache import FeatureCache, key_for
+from captioner.vqa.feature_cache import FeatureCache, key_for
 
 
 def test_lru_bound_evicts_the_least_recently_used():

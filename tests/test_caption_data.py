@@ -4,7 +4,7 @@ import pytest
 import torch
 from PIL import Image
 
-from captioner.data.captions import (
+from captioner.data.caption_data import (
     drop_unreadable,
     encode_captions,
     load_coco_captions,

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from captioner.data.vqa import build_answer_vocab, load_vqa, soft_targets
+from captioner.data.vqa_data import build_answer_vocab, load_vqa, soft_targets
 from tests.conftest import assert_umask_modes
 from training import make_easy_vqa
 
