@@ -13,6 +13,7 @@ from captioner.evaluation.grounding import (
     cells_overlapping,
     grounding,
     object_scene_accuracy,
+    relation_accuracy,
 )
 from captioner.results import CaptionResult
 
@@ -176,3 +177,56 @@ def test_object_and_scene_accuracy():
     assert extra == {"object_accuracy": 1.0, "scene_accuracy": 0.0}  # says something not there
     with pytest.raises(ValueError, match="no objects"):
         object_scene_accuracy({9: "a red circle"}, objects)
+
+
+def _placed(size: str, color: str, shape: str, x: int, y: int) -> dict:
+    """An object of objects.json in a 100 x 100 scene, centred at (x, y) (its mask is unused)."""
+    mask = encode_mask(np.zeros((100, 100), dtype=bool))
+    return {"size": size, "color": color, "shape": shape, "center": [x, y], "mask": mask}
+
+
+def test_relation_accuracy_reads_every_form_of_the_grammar():
+    left = [_placed("small", "red", "circle", 20, 50), _placed("large", "blue", "square", 80, 52)]
+    upper = [_placed("large", "blue", "square", 50, 85), _placed("small", "red", "circle", 48, 15)]
+    right = [
+        "a small red circle to the left of a large blue square",
+        "a big blue square to the right of a little red circle",
+        "a small red circle on the left and a large blue square on the right",
+        "a large blue square is to the right of a small red circle",
+    ]
+    above = [
+        "a small red circle above a large blue square",
+        "a large blue square below a small red circle",
+        "a large blue square under a small red circle",
+        "a small red circle at the top and a large blue square at the bottom",
+    ]
+    captions = {i: c for i, c in enumerate(right + above)}
+    objects = {i: left if i < len(right) else upper for i in captions}
+    assert relation_accuracy(captions, objects) == {"relation_accuracy": 1.0, "relation_scenes": 8}
+
+    wrong = {
+        0: "a small red circle to the right of a large blue square",  # the relation reversed
+        1: "a small red circle and a large blue square",  # the relation left out
+        2: "a small green circle to the left of a large blue square",  # an object wrong
+        3: "a small red circle",  # an object left out
+        4: "a small red circle above a large blue square",  # the wrong axis
+    }
+    assert relation_accuracy(wrong, dict.fromkeys(wrong, left)) == {
+        "relation_accuracy": 0.0,
+        "relation_scenes": 5,
+    }
+
+
+def test_relation_accuracy_counts_only_two_distinct_objects_with_a_clear_relation():
+    twins = [_placed("small", "red", "circle", 20, 50), _placed("small", "red", "circle", 80, 50)]
+    diagonal = [
+        _placed("small", "red", "circle", 20, 20),
+        _placed("large", "blue", "square", 70, 70),
+    ]
+    three = [*twins, _placed("large", "blue", "square", 50, 90)]
+    objects = {1: twins, 2: diagonal, 3: three}
+    captions = dict.fromkeys(objects, "a small red circle to the left of a large blue square")
+    assert relation_accuracy(captions, objects) == {
+        "relation_accuracy": None,
+        "relation_scenes": 0,
+    }

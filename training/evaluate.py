@@ -8,7 +8,9 @@ object/scene accuracy.
 
 METRICS.json keys: `Bleu_1`..`Bleu_4`, `METEOR` (null with --no-meteor or --no-java), `ROUGE_L`,
 `CIDEr`, `ref_loo_Bleu_4`, `ref_loo_CIDEr`; with --objects also `grounding`, `grounding_uniform`,
-`grounded_words` (null for a model without attention), `object_accuracy`, `scene_accuracy`; and
+`grounded_words` (null for a model without attention), `object_accuracy`, `scene_accuracy`,
+`relation_accuracy` and `relation_scenes` (two distinct objects with a clear relation: both named
+right and placed right); and
 `n_images`, `beam_size`, `max_length`, `model`, `data`, `skipped_missing_images`,
 `skipped_unreadable_images`, `notes`, `seconds`. SPICE is not computed (see `notes`).
 The results file is the COCO results format, `[{"image_id": int, "caption": str}]`.

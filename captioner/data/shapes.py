@@ -400,6 +400,29 @@ def parse_caption(text: str) -> list[Mention]:
     return mentions
 
 
+# The grammar's relation words, read after the first noun phrase: where it lies from the second.
+_RELATION_READING = {
+    "left": "left", "right": "right", "above": "above", "top": "above",
+    "below": "below", "under": "below", "bottom": "below",
+}  # fmt: skip
+
+
+def stated_relation(text: str) -> str | None:
+    """Where the caption puts its first noun phrase relative to its second: "left", "right",
+    "above" or "below" (the first relation word after the first shape word: "a red circle to the
+    left of ...", "... on the right and ... on the left", "... at the top and ..."), or None."""
+    tokens = tokenize(text)
+    first_shape = next((i for i, t in enumerate(tokens) if t in SHAPE_WORDS), None)
+    if first_shape is None:
+        return None
+    for tok in tokens[first_shape + 1 :]:
+        if tok in _RELATION_READING:
+            return _RELATION_READING[tok]
+        if tok in SHAPE_WORDS:  # the second phrase ended with no relation word before it
+            return None
+    return None
+
+
 def _attrs(obj: ShapeObject | Mapping[str, Any]) -> tuple[str, str, str]:
     if isinstance(obj, Mapping):
         return (obj["size"], obj["color"], obj["shape"])

@@ -15,7 +15,7 @@ from captioner.caption.captioner import Captioner
 from captioner.data.caption_data import CaptionSet
 from captioner.data.images import ImageTensors
 from captioner.evaluation.coco import COCO_METRICS, coco_scores, leave_one_out
-from captioner.evaluation.grounding import grounding, object_scene_accuracy
+from captioner.evaluation.grounding import grounding, object_scene_accuracy, relation_accuracy
 from captioner.image import ImageError, load_image
 from captioner.progress import progress
 from captioner.results import CaptionResult
@@ -104,4 +104,5 @@ def score(
         else:  # nothing to ground: the decoder never attends
             metrics.update(grounding=None, grounding_uniform=None, grounded_words=None)
         metrics.update(object_scene_accuracy(candidates, objects))
+        metrics.update(relation_accuracy(candidates, objects))
     return metrics

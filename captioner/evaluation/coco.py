@@ -20,7 +20,7 @@ from collections.abc import Hashable, Mapping, Sequence
 import numpy as np
 from pycocoevalcap.tokenizer import ptbtokenizer
 
-from ..vocab import tokenize
+from captioner.vocab import tokenize
 
 COCO_METRICS = ("Bleu_1", "Bleu_2", "Bleu_3", "Bleu_4", "METEOR", "ROUGE_L", "CIDEr")
 SPICE_NOTE = "SPICE skipped: pycocoevalcap's SPICE downloads Stanford CoreNLP at run time"

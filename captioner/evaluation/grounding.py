@@ -3,6 +3,7 @@ world's grammar.
 
     grounding(results, objects, (7, 7))       # share of colour/shape words attended on their object
     object_scene_accuracy(candidates, objects)
+    relation_accuracy(candidates, objects)    # two-object scenes: both named and placed right
 """
 
 from __future__ import annotations
@@ -13,11 +14,20 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from ..data.shapes import COLOUR_WORDS, SHAPE_WORDS, decode_mask, score_caption
+from captioner.data.shapes import (
+    COLOUR_WORDS,
+    SHAPE_WORDS,
+    ShapeObject,
+    decode_mask,
+    parse_caption,
+    relation,
+    score_caption,
+    stated_relation,
+)
 
 
 class AttendedCaption(Protocol):
-    """What grounding reads from a caption result (`captioner.caption.captioner.CaptionResult` fits)."""
+    """What grounding reads from a caption result (`captioner.results.CaptionResult` fits)."""
 
     tokens: list[str]
     attention: np.ndarray | None  # (len(tokens), h, w)
@@ -141,3 +151,42 @@ def object_scene_accuracy(
         "object_accuracy": correct / total if total else 0.0,
         "scene_accuracy": scenes / len(captions),
     }
+
+
+def relation_accuracy(
+    captions: Mapping[Hashable, str],
+    objects_by_image: Mapping[Hashable, Sequence[Mapping[str, Any]]],
+) -> dict[str, float | int | None]:
+    """In the scenes of two distinct objects with a clear relation (`shapes.relation`), the share
+    of captions that name both objects right (size, colour, shape, one each) and state where the
+    first lies from the second ("to the left of", "above", "on the right and ...": any of the
+    grammar's forms, read by `shapes.stated_relation`). Returns `relation_accuracy` (None when
+    no scene qualifies) and `relation_scenes`, how many scenes were counted."""
+    correct = scenes = 0
+    for image_id, text in captions.items():
+        objects = objects_by_image[image_id]
+        if len(objects) != 2:
+            continue
+        a, b = (_shape_object(o) for o in objects)
+        size = int(objects[0]["mask"]["size"][1])  # the image's width (scenes are square)
+        if a.attrs == b.attrs or relation(a, b, size) is None:
+            continue
+        scenes += 1
+        mentions = parse_caption(text)
+        if len(mentions) != 2 or any(m.count != 1 for m in mentions):
+            continue
+        said = [(m.size, m.color, m.shape) for m in mentions]
+        if sorted(said, key=str) != sorted([a.attrs, b.attrs], key=str):
+            continue
+        first, second = (a, b) if said[0] == a.attrs else (b, a)
+        correct += stated_relation(text) == relation(first, second, size)
+    return {
+        "relation_accuracy": correct / scenes if scenes else None,
+        "relation_scenes": scenes,
+    }
+
+
+def _shape_object(record: Mapping[str, Any]) -> ShapeObject:
+    """An object of objects.json as the shapes world's `ShapeObject` (radius unknown: unused)."""
+    x, y = record["center"]
+    return ShapeObject(record["shape"], record["color"], record["size"], (int(x), int(y)), 0.0)
