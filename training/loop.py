@@ -112,6 +112,15 @@ class Task:
         """What training.json says about the data."""
         raise NotImplementedError
 
+    def objective(self, model: nn.Module) -> nn.Module:
+        """The module whose forward `loss` calls (DDP wraps it): the network itself, unless the
+        task trains it through another objective (self-critical training)."""
+        return model
+
+    def epoch_fields(self) -> dict[str, Any]:
+        """More figures for the epoch's metrics line (e.g. a mean reward)."""
+        return {}
+
 
 # -- arguments -----------------------------------------------------------------------------------
 
@@ -359,7 +368,8 @@ def _fit(make_task, args, d: Dist, run: Path, argv: list[str] | None) -> dict:
         "device": str(d.device),
         "torch": torch.__version__,
     }
-    net = DistributedDataParallel(model) if d.enabled else model
+    objective = task.objective(model)
+    net = DistributedDataParallel(objective) if d.enabled else objective
     last_metrics: dict = {}
     stop, loss = False, None
 
@@ -416,6 +426,7 @@ def _fit(make_task, args, d: Dist, run: Path, argv: list[str] | None) -> dict:
             "loss": loss.item() if loss is not None else None,
             "lr": scheduler.get_last_lr()[0],
             "elapsed_s": round(time.monotonic() - started, 1),
+            **task.epoch_fields(),
         }
         improved = True
         if d.is_main:

@@ -25,6 +25,7 @@ import torch
 
 from captioner.caption.caption_net import CaptionNet
 from captioner.caption.captioner import Captioner
+from captioner.caption.self_critical import BASELINES, SelfCritical
 from captioner.data.caption_data import (
     CaptionSet,
     drop_unreadable,
@@ -34,6 +35,7 @@ from captioner.data.caption_data import (
 )
 from captioner.data.images import ImageTensors
 from captioner.evaluation.caption_scores import caption_split, read_objects, score
+from captioner.evaluation.cider import CiderD
 from captioner.progress import progress
 from captioner.vocab import Vocabulary
 from training import loop
@@ -98,6 +100,30 @@ def get_args_parser() -> argparse.ArgumentParser:
         default=0.0,
         help="final probability of feeding the model's own word",
     )
+    scst = p.add_argument_group(
+        "self-critical training (Rennie et al. 2017): REINFORCE with the CIDEr-D of sampled "
+        "captions, from a trained model; its CNN stays frozen"
+    )
+    scst.add_argument(
+        "--scst-from",
+        default=None,
+        help="a captioner model folder to continue with self-critical training (the network "
+        "and vocabulary are that folder's; the model arguments above are ignored)",
+    )
+    scst.add_argument("--scst-samples", type=int, default=5, help="captions sampled per image")
+    scst.add_argument(
+        "--scst-baseline",
+        choices=BASELINES,
+        default="greedy",
+        help="greedy: the CIDEr-D of the greedy caption (the paper); mean: of the other samples",
+    )
+    scst.add_argument("--scst-max-length", type=int, default=20, help="longest sampled caption")
+    scst.add_argument(
+        "--scst-xe-weight",
+        type=float,
+        default=0.0,
+        help="also this times the cross-entropy of each image's first reference",
+    )
     run = groups["run"]
     run.add_argument("--early-stop-metric", default="CIDEr", help="CIDEr, Bleu_4 or scene_accuracy")
     run.add_argument("--val-beam-size", type=int, default=1)
@@ -145,6 +171,13 @@ class CaptionTask(loop.Task):
 
     def build(self, side: dict[str, Any] | None) -> CaptionNet:
         args = self.args
+        if args.scst_from:  # the folder's network and vocabulary; resume then loads its weights
+            start = Captioner.load(args.scst_from)
+            self.vocab = start.vocab
+            args.input_size = start.input_size  # images are decoded at the folder's size
+            for p in start.model.encoder.parameters():
+                p.requires_grad_(False)
+            return start.model
         if side is not None:
             self.vocab = Vocabulary.from_json(side["vocab.json"])
         else:
@@ -176,7 +209,7 @@ class CaptionTask(loop.Task):
         )
         self.train_set = drop_unreadable(self.train_set, images)
         records = self.train_set.records
-        per_image = 1 if args.references == "first" else None
+        per_image = 1 if args.references == "first" or args.scst_from else None
         self.pairs = [
             (i, j) for i, r in enumerate(records) for j in range(per_image or len(r.captions))
         ]
@@ -185,6 +218,13 @@ class CaptionTask(loop.Task):
             self.groups[i].append(k)
         texts = [records[i].captions[j] for i, j in self.pairs]
         self.caption_ids = encode_captions(texts, self.vocab, args.max_caption_tokens)
+        if args.scst_from:  # rewards against each image's references, idf from all of them
+            refs = {
+                i: [self.vocab.encode(c, add_special=False) for c in r.captions]
+                for i, r in enumerate(records)
+            }
+            self.cider = CiderD(refs)
+            self.rewards: list[float] = []
         self.val_images = None
         if self.val_set is not None and self.d.is_main:
             self.val_images = ImageTensors([r.path for r in self.val_set.records], args.input_size)
@@ -205,14 +245,39 @@ class CaptionTask(loop.Task):
         )
         captions = self.caption_ids[samples]
         captions = captions[:, : int((captions != self.vocab.pad_id).sum(1).max())]
-        return images.tolist(), (captions, image_index), len(samples)
+        rows = images.tolist()
+        return rows, (captions, image_index, rows), len(samples)
+
+    def objective(self, model: CaptionNet) -> torch.nn.Module:
+        if not self.args.scst_from:
+            return model
+        args = self.args
+        return SelfCritical(
+            model,
+            self.cider,
+            samples=args.scst_samples,
+            baseline=args.scst_baseline,
+            max_length=args.scst_max_length,
+            xe_weight=args.scst_xe_weight,
+        )
 
     def loss(self, net, inputs, payload, step: int, total_steps: int) -> torch.Tensor:
-        captions, image_index = payload
+        captions, image_index, rows = payload
         device = inputs.device
+        if self.args.scst_from:
+            loss, stats = net(inputs, rows, captions.to(device), image_index.to(device))
+            self.rewards.append(stats["reward"])
+            return loss
         sample_prob = self.args.scheduled_sampling * min(1.0, step / max(1, total_steps))
         _, loss = net(inputs, captions.to(device), sample_prob, image_index.to(device))
         return loss
+
+    def epoch_fields(self) -> dict[str, Any]:
+        """The epoch's mean sampled reward (CIDEr-D) under self-critical training."""
+        if not self.args.scst_from or not self.rewards:
+            return {}
+        mean, self.rewards = sum(self.rewards) / len(self.rewards), []
+        return {"train_reward": mean}
 
     def validate(self, captioner: Captioner):
         """BLEU/CIDEr without Java (fast); on shapes data also object/scene accuracy and grounding:

@@ -17,6 +17,7 @@ import torch
 from captioner.data.images import ImageTensors
 from captioner.vocab import Vocabulary
 
+
 @dataclass
 class CaptionRecord:
     image_id: int

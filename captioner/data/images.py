@@ -1,8 +1,8 @@
 """Image files of a dataset: listing a folder, and decoding a split once into memory.
 
-    paths = list_images("photos/", recursive=True)
-    images = ImageTensors(paths, size=128)     # uint8 (N, 3, 128, 128); unreadable files dropped
-    batch = images.batch([0, 5, 7])            # (3, 3, 128, 128), normalised as `preprocess` does
+paths = list_images("photos/", recursive=True)
+images = ImageTensors(paths, size=128)     # uint8 (N, 3, 128, 128); unreadable files dropped
+batch = images.batch([0, 5, 7])            # (3, 3, 128, 128), normalised as `preprocess` does
 """
 
 from __future__ import annotations

@@ -1,0 +1,117 @@
+"""Self-critical training (caption/self_critical.py, train_captioner --scst-from): the reward,
+the sign of its gradient, and training runs that resume as if never stopped."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from captioner import Captioner
+from captioner.caption.self_critical import SelfCritical, caption_words, sample_captions
+from captioner.data.shapes import generate_split
+from captioner.evaluation.cider import CiderD
+from captioner.vocab import Vocabulary
+from tests.conftest import TINY_CAPTIONS, tiny_model
+from training import train_captioner
+from training.make_shapes import write_split
+
+START = Vocabulary.start_id
+
+
+@torch.no_grad()
+def _logprob(net, features: torch.Tensor, steps: list[int]) -> float:
+    """log p(steps) under the sampling distribution (no <pad>/<start>), teacher-forced."""
+    decoder = net.decoder
+    memory = decoder.memory(features)
+    state = decoder.init_state(memory)
+    prev, total = torch.tensor([START]), 0.0
+    for word in steps:
+        logits, _, state = decoder.step(memory, state, prev)
+        logits = logits.clone()
+        logits[:, [Vocabulary.pad_id, START]] = float("-inf")
+        total += float(F.log_softmax(logits, dim=1)[0, word])
+        prev = torch.tensor([word])
+    return total
+
+
+@pytest.mark.parametrize("better", ["sample", "greedy"])
+def test_a_sample_better_than_greedy_is_made_likelier_and_a_worse_one_less(better):
+    vocab = Vocabulary.build(TINY_CAPTIONS)
+    net = tiny_model(len(vocab), seed=3).train()
+    features = torch.randn(1, 16, net.decoder.config.feature_dim)
+    torch.manual_seed(11)
+    steps = sample_captions(net, features, 8)[0][0].tolist()  # the words, and <end> if reached
+    sampled = caption_words(steps)
+    net.eval()
+    greedy_words = Captioner(net, vocab).caption_features(features, method="greedy")[0]
+    greedy_ids = [vocab.stoi[w] for w in greedy_words.tokens]
+    net.train()
+    assert sampled != greedy_ids  # otherwise the advantage is 0 and nothing is learned
+    reference = sampled if better == "sample" else greedy_ids
+    others = {i + 1: [vocab.encode(c, add_special=False)] for i, c in enumerate(TINY_CAPTIONS)}
+    cider = CiderD({0: [reference]}, document_frequency_from={0: [reference], **others})
+    objective = SelfCritical(net, cider, samples=1, max_length=8)
+    before = _logprob(net, features, steps)
+    torch.manual_seed(11)  # the same sample again
+    loss, stats = objective(features, [0])
+    assert (stats["reward"] > stats["baseline"]) == (better == "sample")
+    loss.backward()
+    assert all(p.grad is not None for p in net.decoder.parameters() if p.requires_grad)
+    with torch.no_grad():
+        for p in net.parameters():
+            if p.grad is not None:
+                p -= 0.05 * p.grad
+    after = _logprob(net, features, steps)
+    assert (after > before) == (better == "sample"), (before, after)
+
+
+def test_the_mean_baseline_is_the_other_samples_reward_and_bad_options_are_refused():
+    vocab = Vocabulary.build(TINY_CAPTIONS)
+    net = tiny_model(len(vocab))
+    cider = CiderD({0: [[4, 5, 6]], 1: [[7, 8]]})
+    loss, stats = SelfCritical(net, cider, samples=3, baseline="mean", max_length=5)(
+        torch.randn(2, 16, net.decoder.config.feature_dim), [0, 1]
+    )
+    assert stats["baseline"] == pytest.approx(stats["reward"]) and torch.isfinite(loss)
+    with pytest.raises(ValueError, match="samples >= 2"):
+        SelfCritical(net, cider, samples=1, baseline="mean")
+    with pytest.raises(ValueError, match="baseline must be one of"):
+        SelfCritical(net, cider, baseline="best")
+
+
+TINY = ["--input-size", "32", "--encoder-width", "4", "--embed-dim", "16", "--hidden-dim", "24"]
+TINY += ["--attention-dim", "12", "--warmup-steps", "2", "--no-progress", "--device", "cpu"]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A tiny shapes split and a captioner trained on it for two epochs."""
+    root = tmp_path_factory.mktemp("shapes")
+    write_split(generate_split(24, seed=5, size=32), root / "train")
+    write_split(generate_split(6, seed=6, size=32, start_id=1000), root / "val")
+    argv = ["--data", str(root), "--out", str(root / "xe"), "--epochs", "2", *TINY]
+    argv += ["--references", "first", "--batch-size", "8"]
+    train_captioner.main(train_captioner.get_args_parser().parse_args(argv), argv)
+    return root
+
+
+def _scst(argv):
+    return train_captioner.main(train_captioner.get_args_parser().parse_args(argv), argv)
+
+
+def test_scst_runs_from_a_model_folder_and_resumes_as_an_uninterrupted_run(trained, tmp_path):
+    common = ["--data", str(trained), "--scst-from", str(trained / "xe" / "best"), "--epochs", "2"]
+    common += ["--batch-size", "6", "--scst-samples", "2", "--no-progress", "--device", "cpu"]
+    common += ["--scst-xe-weight", "0.5", "--warmup-steps", "1"]
+    straight = _scst([*common, "--out", str(tmp_path / "a")])
+    assert straight["step"] == 8  # 24 images, 6 per step, 2 epochs
+    line = (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()[0]
+    assert '"train_reward"' in line and '"CIDEr"' in line
+    stopped = _scst([*common, "--out", str(tmp_path / "b"), "--stop-after-steps", "5"])
+    assert stopped["step"] == 5
+    resumed = _scst(["--out", str(tmp_path / "b"), "--resume"])
+    assert resumed["step"] == 8 and resumed["weights_sha256"] == straight["weights_sha256"]
+    start = Captioner.load(trained / "xe" / "best").model.encoder.state_dict()
+    for name, tensor in Captioner.load(tmp_path / "a" / "best").model.encoder.state_dict().items():
+        assert torch.equal(tensor, start[name]), name  # the CNN stays as it was
