@@ -16,8 +16,9 @@ CAPS = torch.tensor([[1, 5, 6, 7, 2, 0], [1, 8, 2, 0, 0, 0], [1, 9, 10, 11, 12, 
         dict(num_layers=2, dropout=0.3),
         dict(attention=False),
         dict(positional=True),
+        dict(hard_attention=True),
     ],
-    ids=["lstm", "gru", "rnn", "lstm2", "no-attention", "positional"],
+    ids=["lstm", "gru", "rnn", "lstm2", "no-attention", "positional", "hard-attention"],
 )
 def test_every_parameter_gets_a_finite_gradient(variant):
     model = tiny_model(**variant).train()
@@ -92,3 +93,60 @@ def test_precomputed_features_equal_images():
     a, _ = model(x, CAPS)
     b, _ = model(model.features(x), CAPS)
     torch.testing.assert_close(a, b)
+
+
+def test_hard_attention_reads_one_sampled_cell_per_step_in_training():
+    model = tiny_model(hard_attention=True).train()
+    decoder = model.decoder
+    feats = model.features(torch.randn(3, 3, 32, 32))
+    memory = decoder.memory(feats)
+    state = decoder.init_state(memory)
+    cells: list[torch.Tensor] = []
+    torch.manual_seed(0)
+    logits, alpha, _ = decoder.step(memory, state, CAPS[:, 0], cells)
+    [cell] = cells
+    assert cell.shape == (3,) and bool(((cell >= 0) & (cell < feats.shape[1])).all())
+    assert torch.allclose(alpha.sum(1), torch.ones(3))  # the maps are still the distribution
+    # The step read exactly the sampled cells: a soft twin attending one-hot there agrees.
+    one_hot = torch.nn.functional.one_hot(cell, feats.shape[1]).float()
+    twin = tiny_model(hard_attention=False).train()
+    twin.load_state_dict(model.state_dict(), strict=False)
+    twin.decoder.attend.forward = lambda f, p, h: (
+        torch.bmm(one_hot.unsqueeze(1), f).squeeze(1),
+        one_hot,
+    )
+    torch.manual_seed(0)
+    expected, _, _ = twin.decoder.step(memory, state, CAPS[:, 0])
+    assert torch.allclose(logits, expected, atol=1e-6)
+
+
+def test_hard_attention_inference_reads_the_expected_context_or_the_most_likely_cell():
+    hard = tiny_model(hard_attention=True).eval()
+    soft = tiny_model(hard_attention=False).eval()
+    soft.load_state_dict(hard.state_dict(), strict=False)
+    feats = hard.features(torch.randn(2, 3, 32, 32))
+    memory = hard.decoder.memory(feats)
+    state = hard.decoder.init_state(memory)
+    expected, _, _ = hard.decoder.step(memory, state, CAPS[:2, 0])
+    assert torch.equal(expected, soft.decoder.step(memory, state, CAPS[:2, 0])[0])
+
+    argmax = tiny_model(hard_attention=True, hard_inference="argmax").eval()
+    argmax.load_state_dict(hard.state_dict())
+    cells: list[torch.Tensor] = []
+    logits, alpha, _ = argmax.decoder.step(memory, state, CAPS[:2, 0], cells)
+    assert torch.equal(cells[0], alpha.argmax(1))
+    other = memory.features.clone()  # change every cell but the most likely ones
+    keep = torch.zeros_like(other, dtype=torch.bool)
+    keep[torch.arange(2), cells[0]] = True
+    other = torch.where(keep, other, other + 5.0)
+    changed = type(memory)(other, memory.projected, memory.pooled)
+    assert torch.allclose(argmax.decoder.step(changed, state, CAPS[:2, 0])[0], logits, atol=1e-6)
+
+
+def test_hard_attention_options_are_checked():
+    with pytest.raises(ValueError, match="hard_attention needs attention"):
+        DecoderConfig(
+            vocab_size=5, feature_dim=4, grid_cells=4, attention=False, hard_attention=True
+        )
+    with pytest.raises(ValueError, match="hard_inference must be one of"):
+        DecoderConfig(vocab_size=5, feature_dim=4, grid_cells=4, hard_inference="mode")

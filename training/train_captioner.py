@@ -25,6 +25,7 @@ import torch
 
 from captioner.caption.caption_net import CaptionNet
 from captioner.caption.captioner import Captioner
+from captioner.caption.decoder import HARD_INFERENCE
 from captioner.caption.self_critical import BASELINES, SelfCritical
 from captioner.data.caption_data import (
     CaptionSet,
@@ -43,6 +44,7 @@ from training.common import epoch_order, grouped_epoch_order, run_script
 
 # DecoderConfig fields given by the command-line arguments of the same name
 NET_ARGS = ("embed_dim", "hidden_dim", "attention_dim", "cell", "dropout", "positional")
+NET_ARGS += ("hard_attention", "hard_inference", "entropy_weight")
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -92,6 +94,22 @@ def get_args_parser() -> argparse.ArgumentParser:
     model.add_argument("--dropout", type=float, default=0.3)
     model.add_argument(
         "--alpha-c", type=float, default=1.0, help="doubly stochastic attention weight"
+    )
+    model.add_argument(
+        "--hard-attention",
+        action="store_true",
+        help="hard (stochastic) attention, Show, Attend and Tell 4.1: one sampled cell per word "
+        "in training, learned with REINFORCE",
+    )
+    model.add_argument(
+        "--hard-inference",
+        choices=HARD_INFERENCE,
+        default="expected",
+        help="what a hard-attention model reads at inference: the expected context or the most "
+        "likely cell",
+    )
+    model.add_argument(
+        "--entropy-weight", type=float, default=0.01, help="hard attention's entropy bonus"
     )
 
     groups["optimisation"].add_argument(

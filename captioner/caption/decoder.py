@@ -15,6 +15,8 @@ from torch import nn
 from captioner.caption.attention import SoftAttention, doubly_stochastic_penalty
 
 CELLS = {"lstm": nn.LSTMCell, "gru": nn.GRUCell, "rnn": nn.RNNCell}
+HARD_INFERENCE = ("expected", "argmax")
+BASELINE_DECAY = 0.9  # of the hard attention reward's moving average (Show, Attend and Tell 4.1)
 
 
 @dataclass(frozen=True)
@@ -35,6 +37,14 @@ class DecoderConfig:
     # Weight of the doubly stochastic attention term (Show, Attend and Tell eq. 14, lambda).
     doubly_stochastic: float = 1.0
     pad_id: int = 0
+    # Hard (stochastic) attention, Show, Attend and Tell section 4.1: in training each step reads
+    # one cell sampled from the attention distribution, learned with REINFORCE (reward: the mean
+    # log-likelihood of the caption's words, a moving-average baseline) plus an entropy bonus. At
+    # inference the step reads the expected context ("expected", as soft attention does) or the
+    # most likely cell ("argmax"). The maps returned are the distribution either way.
+    hard_attention: bool = False
+    hard_inference: str = "expected"
+    entropy_weight: float = 0.01
 
     def __post_init__(self) -> None:
         if self.cell not in CELLS:
@@ -53,6 +63,12 @@ class DecoderConfig:
             raise ValueError(f"attention_dim must be >= 1, got {self.attention_dim}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+        if self.hard_attention and not self.attention:
+            raise ValueError("hard_attention needs attention=True")
+        if self.hard_inference not in HARD_INFERENCE:
+            raise ValueError(
+                f"hard_inference must be one of {HARD_INFERENCE}, got {self.hard_inference!r}"
+            )
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -101,6 +117,8 @@ class CaptionDecoder(nn.Module):
         self.out_h = nn.Linear(c.hidden_dim, c.embed_dim)
         self.out_z = nn.Linear(c.feature_dim, c.embed_dim, bias=False)
         self.out = nn.Linear(c.embed_dim, c.vocab_size)
+        if c.hard_attention:  # the REINFORCE baseline: a moving average of the reward
+            self.register_buffer("reward_baseline", torch.zeros(()))
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -139,13 +157,20 @@ class CaptionDecoder(nn.Module):
 
     # -- one step ------------------------------------------------------------------------------
     def step(
-        self, memory: Memory, state: State, prev_tokens: torch.Tensor
+        self,
+        memory: Memory,
+        state: State,
+        prev_tokens: torch.Tensor,
+        cells: list[torch.Tensor] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None, State]:
-        """prev_tokens (B,) -> logits (B, V), attention (B, L) or None, new state."""
+        """prev_tokens (B,) -> logits (B, V), attention (B, L) or None, new state. With hard
+        attention the cell each row read is appended to `cells` when given."""
         hs, cs = state
         top = hs[-1]
         if self.attend is not None:
             context, alpha = self.attend(memory.features, memory.projected, top)  # (B, D), (B, L)
+            if self.config.hard_attention:
+                context = self._hard_context(memory.features, alpha, context, cells)
             context = torch.sigmoid(self.gate(top)) * context
         else:
             context, alpha = memory.pooled, None
@@ -163,6 +188,25 @@ class CaptionDecoder(nn.Module):
         deep = emb + self.out_h(self.dropout(x)) + self.out_z(context)
         logits = self.out(self.dropout(deep))  # (B, V)
         return logits, alpha, (new_h, new_c if cs is not None else None)
+
+    def _hard_context(
+        self,
+        features: torch.Tensor,
+        alpha: torch.Tensor,
+        expected: torch.Tensor,
+        cells: list[torch.Tensor] | None,
+    ) -> torch.Tensor:
+        """The one cell a hard-attention step reads: sampled from alpha in training, the most
+        likely in evaluation with "argmax"; "expected" evaluation keeps the weighted sum."""
+        if self.training:
+            cell = torch.multinomial(alpha.detach().float(), 1).squeeze(1)  # (B,)
+        elif self.config.hard_inference == "argmax":
+            cell = alpha.argmax(dim=1)
+        else:
+            return expected
+        if cells is not None:
+            cells.append(cell)
+        return features[torch.arange(len(features), device=features.device), cell]  # (B, D)
 
     # -- teacher forcing -----------------------------------------------------------------------
     def forward(
@@ -195,6 +239,8 @@ class CaptionDecoder(nn.Module):
         live_counts = (
             lengths.unsqueeze(0) > torch.arange(steps, device=lengths.device).unsqueeze(1)
         ).sum(1)
+        hard = self.config.hard_attention and self.training
+        cells: list[torch.Tensor] | None = [] if hard else None
         for t in range(steps):
             n = int(live_counts[t])
             if n < B and n < state[0][0].shape[0]:
@@ -207,7 +253,7 @@ class CaptionDecoder(nn.Module):
             if sample_prob > 0 and t > 0:
                 own = logits[:n, t - 1].detach().argmax(dim=1)
                 inputs = torch.where(torch.rand(n, device=inputs.device) < sample_prob, own, inputs)
-            step_logits, alpha, state = self.step(memory, state, inputs)
+            step_logits, alpha, state = self.step(memory, state, inputs, cells)
             logits[:n, t] = step_logits
             if alphas is not None:
                 alphas[:n, t] = alpha
@@ -218,8 +264,36 @@ class CaptionDecoder(nn.Module):
         loss = F.cross_entropy(
             logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="none"
         ).view(B, steps)
-        loss = (loss * mask).sum() / mask.sum()
+        nll = loss * mask  # (B, steps)
+        loss = nll.sum() / mask.sum()
         if alphas is not None and self.config.doubly_stochastic > 0:
             loss = loss + self.config.doubly_stochastic * doubly_stochastic_penalty(alphas, mask)
+        if hard:
+            loss = loss + self._reinforce(alphas, cells, nll, mask)
         logits = logits[inverse]
         return logits, loss, (alphas[inverse] if alphas is not None else None)
+
+    def _reinforce(
+        self,
+        alphas: torch.Tensor,
+        cells: list[torch.Tensor],
+        nll: torch.Tensor,
+        mask: torch.Tensor,
+    ) -> torch.Tensor:
+        """Show, Attend and Tell eq. 12: the sampled cells' log-probabilities weighted by the reward
+        (each caption's mean word log-likelihood) less the moving-average baseline, and the
+        entropy bonus. alphas (B, T, L) and cells (one (n_t,) tensor per step, the live captions
+        a prefix) in length order, as `forward` runs them."""
+        B, T, _ = alphas.shape
+        chosen = torch.zeros(B, T, dtype=torch.long, device=alphas.device)
+        for t, cell in enumerate(cells):
+            chosen[: len(cell), t] = cell
+        log_alpha = torch.log(alphas.gather(2, chosen.unsqueeze(2)).squeeze(2).clamp_min(1e-12))
+        reward = -(nll.detach().sum(1) / mask.sum(1))  # (B,): mean log-likelihood per word
+        advantage = (reward - self.reward_baseline).unsqueeze(1)
+        with torch.no_grad():
+            self.reward_baseline.mul_(BASELINE_DECAY).add_((1 - BASELINE_DECAY) * reward.mean())
+        policy = -(advantage * log_alpha * mask).sum() / mask.sum()
+        entropy = -(alphas * torch.log(alphas.clamp_min(1e-12))).sum(2)  # (B, T)
+        bonus = (entropy * mask).sum() / mask.sum()
+        return policy - self.config.entropy_weight * bonus
