@@ -11,6 +11,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 RESNETS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
@@ -34,6 +35,9 @@ class EncoderConfig:
     fine_tune_blocks: int = 0
     # Width of the small CNN (its last layer has 4x this many channels).
     width: int = 32
+    # Shift the image so each grid cell's receptive field is centred on the cell the attention
+    # overlay draws (see `grid_shift`). False only for model folders saved before this existed.
+    centred: bool = True
 
     def __post_init__(self) -> None:
         if self.name not in ENCODERS:
@@ -48,6 +52,31 @@ class EncoderConfig:
     def to_dict(self) -> dict:
         return asdict(self)
 
+    @classmethod
+    def from_dict(cls, saved: dict) -> EncoderConfig:
+        """A model folder's encoder; one saved before `centred` existed has the off-centre grid."""
+        return cls(**{"centred": False, **saved})
+
+
+# Where each architecture's grid cells look, in units of (stride - 1) / 2 pixels from the cell's
+# centre: stride-2 layers with symmetric "same" padding (ResNet, the small CNN) map output i to
+# input 2i, so a cell's receptive field sits (stride - 1) / 2 up-left of the cell; EfficientNet-
+# Lite's mix of paddings puts it down-right by about two thirds of that; VGG's 2x2 max-pools tile
+# exactly. Measured through each encoder's geometry (tests/test_encoder.py: the gradient centroid
+# of a cell with averaging kernels): -14.7 px for ResNet-18 and +10.0 px for EfficientNet-Lite0
+# at 224 px (stride 32), -3.5 px for the small CNN (stride 8).
+_GRID_OFFSET = {**dict.fromkeys(RESNETS, -1.0), **dict.fromkeys(VGGS, 0.0)}
+_GRID_OFFSET.update({"efficientnet_lite0": 0.65, "small_cnn": -1.0})
+
+
+def grid_shift(config: EncoderConfig, native_grid: int) -> int:
+    """Pixels to move the image up-left (negative: down-right) so that native grid cell i covers
+    pixels centred on (i + 0.5) * stride, where the overlay draws it."""
+    if not config.centred or native_grid < 1:
+        return 0
+    stride = config.input_size / native_grid
+    return round(-_GRID_OFFSET[config.name] * (stride - 1) / 2)
+
 
 class Encoder(nn.Module):
     """`forward(images (B, 3, H, W)) -> (grid (B, L, D), pooled (B, D))`."""
@@ -59,6 +88,7 @@ class Encoder(nn.Module):
         self.blocks = nn.Sequential(*blocks)
         side = config.grid_size or native_grid
         self.grid_hw = (side, side)
+        self.shift = grid_shift(config, native_grid)
         self.pool = nn.AdaptiveAvgPool2d(side) if config.grid_size else nn.Identity()
         self._set_trainable(config.fine_tune_blocks)
 
@@ -87,6 +117,12 @@ class Encoder(nn.Module):
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if images.dim() != 4 or images.shape[1] != 3:
             raise ValueError(f"images must be (B, 3, H, W), got {tuple(images.shape)}")
+        if self.shift > 0:  # content up-left: crop the top-left, replicate the bottom-right edge
+            s = self.shift
+            images = F.pad(images, (0, s, 0, s), mode="replicate")[..., s:, s:]
+        elif self.shift < 0:
+            s = -self.shift
+            images = F.pad(images, (s, 0, s, 0), mode="replicate")[..., :-s, :-s]
         fmap = self.pool(self.blocks(images))  # (B, D, h, w)
         grid = fmap.flatten(2).transpose(1, 2)  # (B, L, D)
         return grid, grid.mean(dim=1)

@@ -304,7 +304,7 @@ def load_encoder_from(encoder: torch.nn.Module, folder: str | Path) -> dict[str,
             f"--init-encoder {folder}: no readable config.json kind: {exc}"
         ) from exc
     config, weights, _ = load_model_dir(folder, str(kind))
-    theirs, ours = EncoderConfig(**config["encoder"]), encoder.config
+    theirs, ours = EncoderConfig.from_dict(config["encoder"]), encoder.config
     if (theirs.name, theirs.width) != (ours.name, ours.width):
         raise ValueError(
             f"--init-encoder {folder}: its encoder is {theirs.name} (width {theirs.width}), "

@@ -51,7 +51,7 @@ class Captioner:
     def load(cls, path: str | Path, device: str | torch.device = "cpu") -> Captioner:
         config, weights, side = load_model_dir(path, "captioner", required=("vocab.json",))
         try:
-            encoder_config = EncoderConfig(**config["encoder"])
+            encoder_config = EncoderConfig.from_dict(config["encoder"])
             decoder_config = DecoderConfig(**config["decoder"])
             vocab = Vocabulary.from_json(side["vocab.json"])
             # Built only from model.safetensors: the encoder's `weights` path is ignored here.

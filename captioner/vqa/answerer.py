@@ -97,7 +97,7 @@ class Answerer:
     ) -> Answerer:
         config, weights, side = load_model_dir(path, "vqa", required=(ANSWERS, QUESTION_VOCAB))
         try:
-            encoder_config = EncoderConfig(**config["encoder"])
+            encoder_config = EncoderConfig.from_dict(config["encoder"])
             vqa_config = VQAConfig(**config["vqa"])
             vocab = Vocabulary.from_json(side[QUESTION_VOCAB])
             answers = side[ANSWERS]["answers"]
