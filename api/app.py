@@ -24,6 +24,7 @@ from starlette.concurrency import run_in_threadpool
 from captioner import __version__
 
 from . import errors
+from .linger import LingerMiddleware
 from .logs import RequestLogMiddleware
 from .metrics import Metrics
 from .routes import caption, health, page, samples, vqa
@@ -134,5 +135,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             allow_headers=["Authorization", "X-API-Key", "Content-Type", "X-Request-ID"],
             expose_headers=["X-Request-ID", "Retry-After"],
         )
-    app.add_middleware(RequestLogMiddleware, metrics=app.state.metrics)  # outermost: sees all
+    app.add_middleware(RequestLogMiddleware, metrics=app.state.metrics)  # sees every request
+    # Outermost: early answers (413, 503) reach clients that send the whole body first.
+    app.add_middleware(
+        LingerMiddleware, max_bytes=settings.linger_max_bytes, max_seconds=settings.linger_s
+    )
     return app
