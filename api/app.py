@@ -24,6 +24,8 @@ from starlette.concurrency import run_in_threadpool
 from captioner import __version__
 
 from . import errors
+from .deps import RETRY_AFTER_S
+from .draining import Drain, DrainMiddleware
 from .linger import LingerMiddleware
 from .logs import RequestLogMiddleware
 from .metrics import Metrics
@@ -127,6 +129,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
 
     app.add_middleware(BodyLimitMiddleware, limit_for=body_limits(settings))
+    app.state.drain = Drain()  # api/graceful.py begins it on SIGTERM / SIGINT
+    app.add_middleware(DrainMiddleware, drain=app.state.drain, retry_after_s=RETRY_AFTER_S)
     if settings.cors_origins:
         app.add_middleware(
             CORSMiddleware,
