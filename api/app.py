@@ -25,6 +25,9 @@ from starlette.concurrency import run_in_threadpool
 from captioner import __version__
 
 from . import errors
+from .deps import RETRY_AFTER_S
+from .draining import Drain, DrainMiddleware
+from .linger import LingerMiddleware
 from .logs import RequestLogMiddleware
 from .prometheus import Metrics
 from .routes import caption, docs, health, page, samples, vqa
@@ -131,6 +134,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
 
     app.add_middleware(BodyLimitMiddleware, limit_for=body_limits(settings))
+    app.state.drain = Drain()  # api/graceful.py begins it on SIGTERM / SIGINT
+    app.add_middleware(DrainMiddleware, drain=app.state.drain, retry_after_s=RETRY_AFTER_S)
     if settings.cors_origins:
         app.add_middleware(
             CORSMiddleware,
@@ -139,5 +144,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             allow_headers=["Authorization", "X-API-Key", "Content-Type", "X-Request-ID"],
             expose_headers=["X-Request-ID", "Retry-After"],
         )
-    app.add_middleware(RequestLogMiddleware, metrics=app.state.metrics)  # outermost: sees all
+    app.add_middleware(RequestLogMiddleware, metrics=app.state.metrics)  # sees every request
+    # Outermost: early answers (413, 503) reach clients that send the whole body first.
+    app.add_middleware(
+        LingerMiddleware, max_bytes=settings.linger_max_bytes, max_seconds=settings.linger_s
+    )
     return app

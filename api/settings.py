@@ -52,6 +52,16 @@ class Settings(BaseSettings):
     # service: a server that closes first can reset a request already on its way (uvicorn's 5 s
     # default against httpx's 5 s dropped requests under overload in bench/soak.py).
     keep_alive_s: float = Field(75.0, gt=0, le=3600)
+    # A response sent before the request body was read (a 413 for an oversized upload) is followed
+    # by reading and discarding the rest of the body, up to these bounds, before the connection
+    # closes: closing with bytes unread resets the connection, and a client that sends its whole
+    # body before reading (urllib, requests) then never sees the answer (api/linger.py).
+    linger_max_bytes: int = Field(64 * 1024 * 1024, ge=0)
+    linger_s: float = Field(30.0, ge=0, le=3600)
+    # On SIGTERM or SIGINT: new requests get 503, running ones may finish for this long (less two
+    # seconds), then get 503 too, and the process exits within it (api/graceful.py). Below
+    # Kubernetes' default terminationGracePeriodSeconds (30 s), after which it kills the process.
+    shutdown_grace_s: float = Field(20.0, gt=0, le=3600)
 
     cors_origins: Annotated[list[str], NoDecode] = []
     log_level: str = "INFO"
