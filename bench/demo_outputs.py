@@ -34,6 +34,7 @@ def dump(split: Path, out: Path) -> None:
         from captioner import Answerer, Captioner
     except ImportError:  # a commit before the library's layout of issue 13
         from captioner.pipeline import Captioner
+
         from captioner.vqa import VQAModel as Answerer
 
     images = sorted((split / "images").glob("*.png"))

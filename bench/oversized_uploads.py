@@ -113,7 +113,7 @@ def outcome(client, url: str, size: int) -> str:
 
 def start(log: Path) -> tuple[subprocess.Popen, str]:
     port = free_port()
-    command = [sys.executable, "-m", "captioner.cli", "serve", "--host", "127.0.0.1"]
+    command = [sys.executable, "-m", "api.cli", "serve", "--host", "127.0.0.1"]
     with log.open("wb") as out:
         proc = subprocess.Popen(
             [*command, "--port", str(port)], stdout=out, stderr=subprocess.STDOUT

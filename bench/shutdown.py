@@ -97,7 +97,7 @@ def request(client: httpx.Client, url: str, index: int, image: bytes) -> str:
 def start(args: argparse.Namespace, log: Path) -> tuple[subprocess.Popen, str]:
     port = free_port()
     env = {**os.environ, "CAPTIONER_SHUTDOWN_GRACE_S": str(args.grace), "CAPTIONER_API_KEY": ""}
-    command = [sys.executable, "-m", "captioner.cli", "serve", "--host", "127.0.0.1"]
+    command = [sys.executable, "-m", "api.cli", "serve", "--host", "127.0.0.1"]
     with log.open("wb") as out:
         proc = subprocess.Popen(
             [*command, "--port", str(port)], env=env, stdout=out, stderr=subprocess.STDOUT
