@@ -60,6 +60,17 @@ class VQAResponse(_Strict):
     top_answers: list[AnswerProbability]
     attention: Attention = Field(description="one map per attention glimpse (usually one)")
     model: ModelRef
+    unknown_words: list[str] = Field(
+        description="the question's words (punctuation aside) that are not in the model's "
+        "question vocabulary, in question order, each once; the model reads each as <unk>, "
+        "i.e. it does not see them at all"
+    )
+    known_content_words: bool = Field(
+        description="false when none of the question's content words (words other than "
+        "question words, articles, pronouns, auxiliaries, prepositions, conjunctions and "
+        "quantifiers) is known to the model: the question is still answered, but the answer "
+        "cannot depend on what it asks about, so treat it as a guess whatever its confidence"
+    )
 
 
 class ErrorResponse(_Strict):

@@ -158,6 +158,8 @@ def test_openapi_lists_the_endpoints(client):
         "top_answers",
         "attention",
         "model",
+        "unknown_words",
+        "known_content_words",
     }
     assert set(schemas["AnswerProbability"]["properties"]) == {"answer", "probability"}
     assert client.get("/docs").status_code == 200

@@ -219,6 +219,8 @@ class Answerer:
                     top_answers=top,
                     attention=None if maps is None else maps[k],
                     model=model,
+                    unknown_words=self.question_vocab.unknown_words(questions[k]),
+                    known_content_words=self.question_vocab.known_content_words(questions[k]),
                 )
             )
         return results
