@@ -42,6 +42,12 @@ class CaptionResponse(_Strict):
     )
     attention: Attention = Field(description="null for attention=none or a model without attention")
     model: ModelRef
+    finished: bool = Field(
+        description="false when the caption was cut at max_length before the model ended it: "
+        "the caption is unfinished (it may end in 'and' or ','); true when the model ended it. "
+        "A caption of exactly max_length words is false: the search stops before the model "
+        "can end it"
+    )
 
 
 class CaptionBatchResponse(_Strict):

@@ -59,6 +59,7 @@ class CaptionResult:
     score: float
     attention: np.ndarray | None  # (len(tokens), h, w), each map sums to 1; None without attention
     model: dict[str, str] = field(default_factory=dict)  # {"name", "version"} of the captioner
+    finished: bool = True  # False when the search was cut at max_length before `<end>`
 
     def to_dict(
         self,
@@ -72,6 +73,7 @@ class CaptionResult:
             "score": self.score,
             "attention": attention_payload(attention, self.attention, image),
             "model": self.model,
+            "finished": self.finished,
         }
 
 

@@ -191,4 +191,5 @@ class Captioner:
             score=float(hyp.score),
             attention=attention,
             model={"name": self.name, "version": self.version},
+            finished=hyp.finished,
         )
