@@ -92,6 +92,51 @@ class ReadyResponse(_Strict):
     models: dict[str, str] = Field(description="each configured model and its state")
 
 
+Metrics = dict[str, float | dict[str, float | None] | None]
+
+
+class CardData(_Strict):
+    description: str = Field(description="the training data, in plain words")
+    command: str | None = Field(description="the command that made the training data")
+    sizes: dict[str, int] = Field(description="e.g. train_images, train_questions")
+
+
+class CardTraining(_Strict):
+    command: str | None = Field(description="the training command")
+    wall_time_s: float | None
+    device: str | None
+
+
+class CardValidation(_Strict):
+    epoch: int | None
+    metrics: Metrics = Field(description="the validation figures of the saved weights")
+
+
+class CardTest(_Strict):
+    data: str = Field(description="the test split, in plain words")
+    command: str = Field(description="the command(s) that measured these figures")
+    metrics: Metrics
+
+
+class ModelCardResponse(_Strict):
+    """A model folder's card.json (captioner/card.py): what the model knows and its limits."""
+
+    card_format: int
+    kind: str
+    summary: str = Field(description="one line: what the model does, on what images")
+    domain: str = Field(description="what it was trained on, in plain words")
+    intended_use: str
+    limitations: list[str]
+    data: CardData
+    training: CardTraining
+    vocabulary_size: int = Field(
+        description="the vocabulary's tokens, its 4 special tokens (<pad> <start> <end> <unk>) included"
+    )
+    answers: int | None = Field(description="a VQA model's answer-set size; null for a captioner")
+    validation: CardValidation | None
+    tests: list[CardTest] = Field(description="test figures, each with its data and command")
+
+
 class ModelInfo(BaseModel):
     """What `metadata()` of a loaded model says; VQA models add their own fields."""
 
@@ -105,6 +150,9 @@ class ModelInfo(BaseModel):
     attention_grid: list[int] | None = None
     training_data: Any = None
     metrics: Any = None
+    card: ModelCardResponse | None = Field(
+        default=None, description="the model card: also at GET /models/{name}/card"
+    )
 
 
 class ModelsResponse(_Strict):

@@ -94,7 +94,8 @@ def test_checkpoint_round_trip_gives_identical_outputs(tmp_path, images):
         vqa.model.position.normal_()
     path = vqa.save(tmp_path / "m", training={"data": {"train": "x"}, "metrics": {"accuracy": 0.5}})
     assert sorted(p.name for p in path.iterdir()) == [
-        "answers.json", "config.json", "model.safetensors", "question_vocab.json", "training.json"
+        "answers.json", "card.json", "config.json", "model.safetensors", "question_vocab.json",
+        "training.json"
     ]  # fmt: skip
     assert json.loads((path / "config.json").read_text())["kind"] == "vqa"
     loaded = Answerer.load(path)
