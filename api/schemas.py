@@ -42,6 +42,12 @@ class CaptionResponse(_Strict):
     )
     attention: Attention = Field(description="null for attention=none or a model without attention")
     model: ModelRef
+    finished: bool = Field(
+        description="false when the caption was cut at max_length before the model ended it: "
+        "the caption is unfinished (it may end in 'and' or ','); true when the model ended it. "
+        "A caption of exactly max_length words is false: the search stops before the model "
+        "can end it"
+    )
 
 
 class CaptionBatchResponse(_Strict):
@@ -60,6 +66,17 @@ class VQAResponse(_Strict):
     top_answers: list[AnswerProbability]
     attention: Attention = Field(description="one map per attention glimpse (usually one)")
     model: ModelRef
+    unknown_words: list[str] = Field(
+        description="the question's words (punctuation aside) that are not in the model's "
+        "question vocabulary, in question order, each once; the model reads each as <unk>, "
+        "i.e. it does not see them at all"
+    )
+    known_content_words: bool = Field(
+        description="false when none of the question's content words (words other than "
+        "question words, articles, pronouns, auxiliaries, prepositions, conjunctions and "
+        "quantifiers) is known to the model: the question is still answered, but the answer "
+        "cannot depend on what it asks about, so treat it as a guess whatever its confidence"
+    )
 
 
 class ErrorResponse(_Strict):
@@ -75,6 +92,51 @@ class ReadyResponse(_Strict):
     models: dict[str, str] = Field(description="each configured model and its state")
 
 
+Metrics = dict[str, float | dict[str, float | None] | None]
+
+
+class CardData(_Strict):
+    description: str = Field(description="the training data, in plain words")
+    command: str | None = Field(description="the command that made the training data")
+    sizes: dict[str, int] = Field(description="e.g. train_images, train_questions")
+
+
+class CardTraining(_Strict):
+    command: str | None = Field(description="the training command")
+    wall_time_s: float | None
+    device: str | None
+
+
+class CardValidation(_Strict):
+    epoch: int | None
+    metrics: Metrics = Field(description="the validation figures of the saved weights")
+
+
+class CardTest(_Strict):
+    data: str = Field(description="the test split, in plain words")
+    command: str = Field(description="the command(s) that measured these figures")
+    metrics: Metrics
+
+
+class ModelCardResponse(_Strict):
+    """A model folder's card.json (captioner/card.py): what the model knows and its limits."""
+
+    card_format: int
+    kind: str
+    summary: str = Field(description="one line: what the model does, on what images")
+    domain: str = Field(description="what it was trained on, in plain words")
+    intended_use: str
+    limitations: list[str]
+    data: CardData
+    training: CardTraining
+    vocabulary_size: int = Field(
+        description="the vocabulary's tokens, its 4 special tokens (<pad> <start> <end> <unk>) included"
+    )
+    answers: int | None = Field(description="a VQA model's answer-set size; null for a captioner")
+    validation: CardValidation | None
+    tests: list[CardTest] = Field(description="test figures, each with its data and command")
+
+
 class ModelInfo(BaseModel):
     """What `metadata()` of a loaded model says; VQA models add their own fields."""
 
@@ -88,6 +150,9 @@ class ModelInfo(BaseModel):
     attention_grid: list[int] | None = None
     training_data: Any = None
     metrics: Any = None
+    card: ModelCardResponse | None = Field(
+        default=None, description="the model card: also at GET /models/{name}/card"
+    )
 
 
 class ModelsResponse(_Strict):

@@ -59,6 +59,7 @@ class CaptionResult:
     score: float
     attention: np.ndarray | None  # (len(tokens), h, w), each map sums to 1; None without attention
     model: dict[str, str] = field(default_factory=dict)  # {"name", "version"} of the captioner
+    finished: bool = True  # False when the search was cut at max_length before `<end>`
 
     def to_dict(
         self,
@@ -72,6 +73,7 @@ class CaptionResult:
             "score": self.score,
             "attention": attention_payload(attention, self.attention, image),
             "model": self.model,
+            "finished": self.finished,
         }
 
 
@@ -83,6 +85,10 @@ class AnswerResult:
     top_answers: list[tuple[str, float]]
     attention: np.ndarray | None  # (G, h, w), each glimpse's map sums to 1; None without attention
     model: dict[str, str] = field(default_factory=dict)  # {"name", "version"} of the VQA model
+    # The question's words the model's vocabulary lacks (read as `<unk>`), in order, each once.
+    unknown_words: list[str] = field(default_factory=list)
+    # False when no content word of the question is known: the answer ignores what was asked about.
+    known_content_words: bool = True
 
     def to_dict(
         self,
@@ -96,4 +102,6 @@ class AnswerResult:
             "top_answers": [{"answer": a, "probability": p} for a, p in self.top_answers],
             "attention": attention_payload(attention, self.attention, image),
             "model": self.model,
+            "unknown_words": self.unknown_words,
+            "known_content_words": self.known_content_words,
         }

@@ -1,4 +1,5 @@
-"""Word vocabulary: tokenisation, building from captions, encode/decode, JSON save/load."""
+"""Word vocabulary: tokenisation, building from captions, encode/decode, JSON save/load, and which
+words of a text a vocabulary does not know (`unknown_words`, `known_content_words`)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,22 @@ PAD, START, END, UNK = "<pad>", "<start>", "<end>", "<unk>"
 SPECIALS = (PAD, START, END, UNK)
 
 _TOKEN = re.compile(r"[a-z0-9]+|[^\sa-z0-9]")
+_WORD = re.compile(r"[a-z0-9]+")
+
+# English function words: question words, articles, pronouns, auxiliaries, prepositions (spatial
+# ones too), conjunctions and quantifiers. A question whose other words are all unknown gives the
+# model nothing to go on: "is the zebra above the refrigerator?" has only these besides
+# "zebra" and "refrigerator", and "how many shapes are there?" only these besides "shapes".
+FUNCTION_WORDS = frozenset(
+    """
+    a an the this that these those there here it its they them their what which who whom whose
+    where when why how is are was were be been being am do does did done has have had can could
+    will would shall should may might must of in on at to from by with without about above below
+    under over behind beside between near next into onto out off up down left right than then
+    and or but nor not no yes so if as any some each every all both either neither many much
+    more most few several one i you he she we me my your his her our us image picture photo
+    """.split()  # noqa: SIM905 (a paragraph of words reads better than 120 quoted ones)
+)
 
 
 def tokenize(text: str) -> list[str]:
@@ -52,6 +69,25 @@ class Vocabulary:
         """Token ids for `text`, wrapped in `<start> ... <end>` when `add_special`."""
         ids = [self.stoi.get(tok, self.unk_id) for tok in tokenize(text)]
         return [self.start_id, *ids, self.end_id] if add_special else ids
+
+    def unknown_words(self, text: str) -> list[str]:
+        """The words of `text` (punctuation aside) this vocabulary does not know, as `tokenize`
+        splits them: in order of first appearance, each once. They are read as `<unk>`."""
+        unknown: dict[str, None] = {}
+        for tok in tokenize(text):
+            if _WORD.fullmatch(tok) and tok not in self.stoi:
+                unknown[tok] = None
+        return list(unknown)
+
+    def known_content_words(self, text: str) -> bool:
+        """Whether `text` has a content word (a word that is not in `FUNCTION_WORDS`) that this
+        vocabulary knows. False means the model sees nothing of what the text is about: only
+        function words and `<unk>`."""
+        return any(
+            tok in self.stoi
+            for tok in tokenize(text)
+            if _WORD.fullmatch(tok) and tok not in FUNCTION_WORDS
+        )
 
     def decode_tokens(self, ids: Sequence[int]) -> list[str]:
         """Words for `ids`, stopping at `<end>` and dropping `<pad>`/`<start>`; `<unk>` is kept."""

@@ -40,6 +40,31 @@ def tiny_model(vocab_size: int = 30, seed: int = 0, **decoder_args) -> CaptionNe
     return CaptionNet.build(tiny_encoder_config(**encoder_args), vocab_size=vocab_size, **args)
 
 
+def scripted_model(vocab: Vocabulary, words: list[str], **decoder_args) -> CaptionNet:
+    """A tiny real network whose every search writes `words` (distinct) and then `<end>`.
+
+    Its weights are set, not trained: each of `<start>` and `words` gets its own one-hot
+    embedding, and the output layer reads only the embedding of the previous word (the deep
+    output's hidden-state and context terms are zeroed), scoring the word that follows it 30
+    logits above the rest."""
+    model = tiny_model(len(vocab), **decoder_args)
+    decoder = model.decoder
+    chain = [vocab.start_id, *(vocab.stoi[w] for w in words), vocab.end_id]
+    if len(set(chain)) != len(chain) or len(chain) - 1 > decoder.config.embed_dim:
+        raise ValueError(f"words must be distinct, at most embed_dim - 1, got {words}")
+    with torch.no_grad():
+        for layer in (decoder.out_h, decoder.out_z, decoder.out):
+            layer.weight.zero_()
+            if layer.bias is not None:
+                layer.bias.zero_()
+        for k, (prev, nxt) in enumerate(zip(chain, chain[1:])):
+            decoder.embedding.weight[prev] = torch.nn.functional.one_hot(
+                torch.tensor(k), decoder.config.embed_dim
+            ).float()
+            decoder.out.weight[nxt, k] = 30.0
+    return model
+
+
 @pytest.fixture(params=[0o022, 0o077], ids=["umask022", "umask077"])
 def umask(request) -> Iterator[int]:
     """Run the test under this umask (process-wide), restored afterwards."""

@@ -94,7 +94,8 @@ def test_checkpoint_round_trip_gives_identical_outputs(tmp_path, images):
         vqa.model.position.normal_()
     path = vqa.save(tmp_path / "m", training={"data": {"train": "x"}, "metrics": {"accuracy": 0.5}})
     assert sorted(p.name for p in path.iterdir()) == [
-        "answers.json", "config.json", "model.safetensors", "question_vocab.json", "training.json"
+        "answers.json", "card.json", "config.json", "model.safetensors", "question_vocab.json",
+        "training.json"
     ]  # fmt: skip
     assert json.loads((path / "config.json").read_text())["kind"] == "vqa"
     loaded = Answerer.load(path)
@@ -200,3 +201,23 @@ def test_cli_ask_prints_the_answer_as_json(tmp_path, images, capsys):
     assert len(out["top_answers"]) == 2 and out["answer"] == out["top_answers"][0]["answer"]
     assert out["attention"]["height"] == 4
     json.dumps(out)
+
+
+def test_unknown_words_are_listed_and_a_question_without_known_content_is_flagged(images):
+    vqa = make_model()
+    known, partly, unknown = vqa.answer(
+        images[:3],
+        [
+            "what color is the circle?",
+            "what color is the zebra by the Zebra?",
+            "is the zebra next to the refrigerator?",
+        ],
+    )
+    assert (known.unknown_words, known.known_content_words) == ([], True)
+    assert (partly.unknown_words, partly.known_content_words) == (["zebra", "by"], True)
+    # Still answered, and flagged: the model sees only "is the <unk> <unk> to the <unk>".
+    assert unknown.unknown_words == ["zebra", "next", "refrigerator"]
+    assert unknown.known_content_words is False and unknown.answer in ANSWERS
+    d = unknown.to_dict()
+    assert d["unknown_words"] == ["zebra", "next", "refrigerator"]
+    assert d["known_content_words"] is False

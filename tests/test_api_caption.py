@@ -23,7 +23,7 @@ from tests.api_fixtures import (
     upload,
 )
 
-CAPTION_FIELDS = {"caption", "tokens", "token_logprobs", "score", "attention", "model"}
+CAPTION_FIELDS = {"caption", "tokens", "token_logprobs", "score", "attention", "model", "finished"}
 
 
 @pytest.fixture(scope="module")
@@ -81,6 +81,28 @@ def test_defaults_are_beam_3_length_20(client, captioner):
 def test_max_length_caps_the_caption(client):
     body = client.post("/caption?max_length=1", files=upload(png(4))).json()
     assert len(body["tokens"]) <= 1
+
+
+def test_finished_says_whether_the_model_ended_the_caption_or_max_length_cut_it(tmp_path):
+    from captioner.vocab import Vocabulary
+    from tests.conftest import TINY_CAPTIONS, scripted_model
+
+    vocab = Vocabulary.build(TINY_CAPTIONS)
+    model = scripted_model(vocab, ["two", "green", "triangles"])
+    folder = Captioner(model, vocab, name="scripted").save(tmp_path / "scripted")
+    with TestClient(create_app(settings(caption_model=folder))) as client:
+        ended = client.post("/caption", files=upload(png(1))).json()
+        assert (ended["caption"], ended["finished"]) == ("two green triangles", True)
+        cut = client.post("/caption?max_length=2", files=upload(png(1))).json()
+        assert (cut["caption"], cut["finished"]) == ("two green", False)
+        files = [("image", (f"{i}.png", png(i), "image/png")) for i in range(2)]
+        batch = client.post("/caption/batch?max_length=4", files=files).json()["results"]
+        assert [r["finished"] for r in batch] == [True, True]
+        # Three words in three steps: the search stops before the model can write <end>.
+        batch = client.post("/caption/batch?max_length=3", files=files).json()["results"]
+        assert [r["finished"] for r in batch] == [False, False]
+        batch = client.post("/caption/batch?max_length=1", files=files).json()["results"]
+        assert [(r["tokens"], r["finished"]) for r in batch] == [(["two"], False)] * 2
 
 
 def test_attention_none_is_null(client):

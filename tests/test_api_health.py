@@ -158,6 +158,8 @@ def test_openapi_lists_the_endpoints(client):
         "top_answers",
         "attention",
         "model",
+        "unknown_words",
+        "known_content_words",
     }
     assert set(schemas["AnswerProbability"]["properties"]) == {"answer", "probability"}
     assert client.get("/docs").status_code == 200
@@ -216,3 +218,41 @@ def test_importing_api_loads_nothing():
     code = "import api, sys; print('torch' in sys.modules, 'fastapi' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.split() == ["False", "False"]
+
+
+def test_models_return_each_models_card(client, model_dirs):
+    from captioner.caption.captioner import Captioner
+
+    models = {m["kind"]: m for m in client.get("/models").json()["models"]}
+    cap = models["captioner"]["card"]
+    assert cap == Captioner.load(model_dirs[0]).card.to_dict()
+    assert (
+        cap["kind"] == "captioner"
+        and cap["vocabulary_size"] == models["captioner"]["vocabulary_size"]
+    )
+    assert models["vqa"]["card"]["answers"] == models["vqa"]["num_answers"]
+    for name in ("tiny-cap", "tiny-vqa"):
+        response = client.get(f"/models/{name}/card")
+        assert response.status_code == 200, response.text
+        assert response.json() == models["captioner" if name == "tiny-cap" else "vqa"]["card"]
+    detail = assert_error(client.get("/models/nope/card"), 404)
+    assert "'nope'" in detail and "'tiny-cap'" in detail and "'tiny-vqa'" in detail
+    schema = client.get("/openapi.json").json()
+    card = schema["components"]["schemas"]["ModelCardResponse"]
+    assert {"summary", "domain", "intended_use", "limitations", "tests"} <= set(card["properties"])
+    assert "/models/{name}/card" in schema["paths"]
+
+
+def test_the_demo_models_cards_say_they_know_only_synthetic_scenes():
+    from pathlib import Path
+
+    models = Path(__file__).resolve().parent.parent / "models"
+    demo = settings(caption_model=models / "shapes-captioner", vqa_model=models / "easy-vqa")
+    with TestClient(create_app(demo)) as client:
+        cards = {m["name"]: m["card"] for m in client.get("/models").json()["models"]}
+    assert set(cards) == {"shapes-captioner", "easy-vqa"}
+    for name, card in cards.items():
+        assert "synthetic" in card["domain"].lower(), name
+        assert "not meant for real photos" in card["summary"], name
+        assert card["data"]["command"].startswith("python -m training.make_"), name
+        assert card["tests"] and card["tests"][0]["command"].startswith("python -m training."), name

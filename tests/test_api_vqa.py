@@ -24,7 +24,10 @@ from tests.api_fixtures import (
     upload,
 )
 
-VQA_FIELDS = {"question", "answer", "confidence", "top_answers", "attention", "model"}
+VQA_FIELDS = {"question", "answer", "confidence", "top_answers", "attention", "model"} | {
+    "unknown_words",
+    "known_content_words",
+}
 
 
 @pytest.fixture(scope="module")
@@ -72,6 +75,19 @@ def test_vqa_fields(client):
     probabilities = [a["probability"] for a in body["top_answers"]]
     assert probabilities == sorted(probabilities, reverse=True)
     assert 0 < body["confidence"] <= 1
+
+
+def test_unknown_words_are_listed_and_a_question_about_nothing_known_is_flagged(client):
+    known = ask(client, "what color is the circle?").json()
+    assert (known["unknown_words"], known["known_content_words"]) == ([], True)
+    partly = ask(client, "What color is the Zebra, the zebra?").json()
+    assert (partly["unknown_words"], partly["known_content_words"]) == (["zebra"], True)
+    # Answered all the same, and flagged: it knows neither "zebra" nor "refrigerator".
+    unknown = ask(client, "is the zebra above the refrigerator?").json()
+    assert unknown["unknown_words"] == ["zebra", "above", "refrigerator"]
+    assert unknown["known_content_words"] is False and unknown["answer"] in ANSWERS
+    assert ask(client, "how many shapes?").json()["known_content_words"] is True
+    assert ask(client, "how many circles are there?").json()["known_content_words"] is False
 
 
 def test_vqa_matches_the_library(client, model_dir):

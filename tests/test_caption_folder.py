@@ -72,8 +72,9 @@ def test_captions_a_folder_skipping_unreadable_files(tmp_path, model_dir, capsys
     assert sorted(records) == sorted([*names, "broken.jpg"])  # no sub/ without --recursive
     assert "not a recognised image" in records["broken.jpg"]["error"]
     for name in names:
-        assert set(records[name]) == {"path", "caption", "score"}
+        assert set(records[name]) == {"path", "caption", "score", "finished"}
         assert records[name]["caption"] and records[name]["score"] < 0
+        assert records[name]["finished"] is False  # the untrained model never writes <end>
     assert summary["images"] == 4 and summary["captioned"] == 3 and summary["errors"] == 1
     assert "broken.jpg" in capsys.readouterr().err
 
@@ -90,6 +91,20 @@ def test_captions_a_folder_skipping_unreadable_files(tmp_path, model_dir, capsys
     assert summary["new_captions"] == 1
     assert _paths(out) == sorted([*names, "broken.jpg", "sub/deep.png"])
     assert (overlays / "sub" / "deep.png.png").is_file()
+
+
+def test_each_line_says_whether_the_caption_was_finished(tmp_path):
+    from tests.conftest import TINY_CAPTIONS, scripted_model
+
+    vocab = Vocabulary.build(TINY_CAPTIONS)
+    model = scripted_model(vocab, ["two", "green", "triangles"])
+    folder = Captioner(model, vocab, name="scripted").save(tmp_path / "scripted")
+    _folder(tmp_path / "in", 2)
+    _run(tmp_path / "in", tmp_path / "ended.jsonl", folder)
+    _run(tmp_path / "in", tmp_path / "cut.jsonl", folder, "--max-length", "2")
+    ended, cut = _lines(tmp_path / "ended.jsonl"), _lines(tmp_path / "cut.jsonl")
+    assert [(r["caption"], r["finished"]) for r in ended] == [("two green triangles", True)] * 2
+    assert [(r["caption"], r["finished"]) for r in cut] == [("two green", False)] * 2
 
 
 def test_outputs_get_the_modes_the_umask_implies(tmp_path, model_dir, umask):

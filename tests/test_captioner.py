@@ -84,3 +84,21 @@ def test_image_is_rgb_after_decoding(tmp_path):
     from captioner.image import load_image
 
     assert load_image(tmp_path / "g.png").mode == "RGB"
+
+
+def test_a_caption_cut_at_max_length_says_it_is_unfinished(vocab):
+    from captioner.caption.captioner import Captioner
+    from tests.conftest import scripted_model
+
+    captioner = Captioner(scripted_model(vocab, ["two", "green", "triangles"]), vocab)
+    for method in ("beam", "greedy", "sample"):
+        [ended] = captioner.caption(_images(1), method=method, max_length=20)
+        assert ended.tokens == ["two", "green", "triangles"] and ended.finished is True
+        [cut] = captioner.caption(_images(1), method=method, max_length=1)
+        assert cut.tokens == ["two"] and cut.finished is False
+        assert (ended.to_dict()["finished"], cut.to_dict()["finished"]) == (True, False)
+
+
+def test_an_untrained_model_that_never_ends_is_cut(captioner):
+    for result in captioner.caption(_images(2), beam_size=2, max_length=3):
+        assert len(result.tokens) == 3 and result.finished is False

@@ -26,6 +26,7 @@ def test_save_then_load_gives_identical_outputs(tmp_path, captioner):
     captioner.save(tmp_path / "m", training={"seed": 1, "data": "tiny"})
     loaded = Captioner.load(tmp_path / "m")
     assert sorted(p.name for p in (tmp_path / "m").iterdir()) == [
+        "card.json",
         "config.json",
         "model.safetensors",
         "training.json",

@@ -83,3 +83,28 @@ def test_the_cli_prints_what_the_api_returns(tmp_path, capsys):
             printed = json.loads(capsys.readouterr().out)
             assert printed.pop("image") == str(image)
             assert printed == api and len(api["top_answers"]) == 2
+
+
+def test_caption_and_ask_print_finished_and_unknown_words(tmp_path, vocab, capsys):
+    from captioner.caption.captioner import Captioner
+    from tests.api_fixtures import png, save_tiny_vqa
+    from tests.conftest import scripted_model
+
+    model = scripted_model(vocab, ["two", "green", "triangles"])
+    Captioner(model, vocab, name="scripted").save(tmp_path / "cap")
+    image = tmp_path / "scene.png"
+    image.write_bytes(png(3))
+    for max_length, finished in (("20", True), ("3", False)):
+        argv = ["caption", str(image), "--model", str(tmp_path / "cap"), "--max-length", max_length]
+        assert main(argv) == 0
+        assert json.loads(capsys.readouterr().out)["finished"] is finished
+
+    vqa = save_tiny_vqa(tmp_path / "vqa")
+    for question, unknown, known in (
+        ("what color is the circle?", [], True),
+        ("what color is the zebra?", ["zebra"], True),
+        ("is the zebra next to the refrigerator?", ["zebra", "next", "to", "refrigerator"], False),
+    ):
+        assert main(["ask", str(image), question, "--model", str(vqa)]) == 0
+        printed = json.loads(capsys.readouterr().out)
+        assert (printed["unknown_words"], printed["known_content_words"]) == (unknown, known)

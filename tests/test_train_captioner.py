@@ -44,6 +44,13 @@ def test_training_writes_run_folder_and_resume_continues_the_step_count(shapes, 
     assert {"CIDEr", "Bleu_4", "scene_accuracy", "object_accuracy"} <= set(lines[0])
     training = json.loads((out / "best" / "training.json").read_text())
     assert training["command"].startswith("python -m training.train_captioner --data")
+    card = Captioner.load(out / "best").card  # what training knows, in the folder's card.json
+    assert card.training["command"] == training["command"]
+    assert card.data["sizes"]["train_images"] == 24
+    assert card.validation["epoch"] == training["metrics"]["epoch"]
+    assert card.validation["metrics"]["CIDEr"] == training["metrics"]["CIDEr"]
+    assert card.tests == () and "not stated" in card.domain
+    assert Captioner.load(out / "last").card.data == card.data
     assert Captioner.load(out / "best").caption(
         [shapes / "val" / "images" / os.listdir(shapes / "val" / "images")[0]]
     )

@@ -47,6 +47,11 @@ def test_training_writes_run_folder_and_resume_continues_the_step_count(shapes, 
     training = json.loads((out / "best" / "training.json").read_text())
     assert training["command"].startswith("python -m training.train_vqa --data")
     assert training["data"]["train_images"] == 24 and training["data"]["skipped_missing_image"] == 0
+    card = Answerer.load(out / "best").card  # what training knows, in the folder's card.json
+    assert card.training["command"] == training["command"] and card.data["sizes"]["answers"] > 0
+    assert card.data["sizes"]["train_questions"] == training["data"]["train_questions"]
+    assert card.validation["metrics"]["accuracy"] == training["metrics"]["accuracy"]
+    assert card.answers == len(Answerer.load(out / "best").answers)
     assert {p.name for p in (out / "last").iterdir()} >= {"optimizer.safetensors", "trainer.json"}
     vqa = Answerer.load(out / "best")
     image = next((shapes / "val" / "images").iterdir())

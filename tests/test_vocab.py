@@ -47,3 +47,29 @@ def test_decoded_captions_never_show_special_tokens():
     ids = [v.start_id, v.stoi["a"], v.unk_id, v.stoi["cat"], v.end_id, v.pad_id]
     assert v.decode(ids) == "a cat"
     assert v.decode_tokens(ids) == ["a", "<unk>", "cat"]  # aligned with per-token scores
+
+
+def test_unknown_words_in_order_each_once_punctuation_aside():
+    v = Vocabulary.build(["what color is the circle ?"])
+    assert v.unknown_words("What colour is the zebra, the Zebra and the circle?") == [
+        "colour",
+        "zebra",
+        "and",
+    ]
+    assert v.unknown_words("what color is the circle?") == []
+    assert v.unknown_words("what color is the circle!") == []  # "!" is not a word
+
+
+@pytest.mark.parametrize(
+    ("question", "known"),
+    [
+        ("what color is the circle?", True),
+        ("is there a zebra next to the circle?", True),  # "circle" is known
+        ("is the zebra above the refrigerator?", False),  # only function words are known
+        ("how many shapes are there?", False),  # "shapes" is unknown; the rest are function words
+        ("what is it?", False),  # nothing to be about
+    ],
+)
+def test_known_content_words(question, known):
+    v = Vocabulary.build(["what color is the circle", "how many circles are there above it"])
+    assert v.known_content_words(question) is known

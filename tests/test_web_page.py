@@ -15,7 +15,7 @@ import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import httpx
@@ -30,7 +30,7 @@ from api.settings import Settings
 from captioner.caption.captioner import Captioner
 from captioner.data.shapes import make_scene, render
 from captioner.vocab import Vocabulary
-from tests.conftest import TINY_CAPTIONS, tiny_encoder_config, tiny_model
+from tests.conftest import TINY_CAPTIONS, scripted_model, tiny_encoder_config, tiny_model
 
 ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
 CHROMIUM = Path(os.environ.get("CHROMIUM_PATH", "/usr/bin/chromium"))
@@ -58,8 +58,22 @@ TIMEOUT_MS = 10_000
 def save_captioner(path: Path, attention: bool = True, seed: int = 0) -> Path:
     vocab = Vocabulary.build(TINY_CAPTIONS)
     model = tiny_model(len(vocab), seed=seed, attention=attention)
-    captioner = Captioner(model, vocab, name="tiny-cap", version="1")
-    return captioner.save(path, training={"data": {"dataset": "tiny"}})
+    training = {"data": {"dataset": "tiny"}}
+    captioner = Captioner(model, vocab, name="tiny-cap", version="1", training=training)
+    captioner.card = replace(
+        captioner.card,
+        summary="Captions tiny noise scenes; not meant for real photos.",
+        domain="Random noise, 32x32.",
+        limitations=("Knows nothing.", "Never ends a caption."),
+        tests=(
+            {
+                "data": "4 noise images",
+                "command": "python -m training.evaluate --model x",
+                "metrics": {"CIDEr": 0.125, "per_type": {"color": 0.5}},
+            },
+        ),
+    )
+    return captioner.save(path)
 
 
 def save_vqa(path: Path) -> tuple[Path | None, str]:
@@ -475,9 +489,13 @@ def test_missing_api_key_is_explained_and_pasting_it_retries(page_factory, scene
     assert page.locator("#key-panel").evaluate("el => el.open")
     assert page.evaluate("() => document.activeElement.id") == "api-key"
 
+    assert "API key" in page.inner_text("#models-note")  # the cards need the key too
+    assert page.locator("#models .model").count() == 0
+
     page.fill("#api-key", API_KEY)
     page.click("#key-save")
     page.wait_for_selector("#caption .word")  # the caption request was sent again, with the key
+    page.wait_for_selector("#models .model")  # and the model cards were loaded
     assert not visible(page, "#error")
     assert page.evaluate(f"() => sessionStorage.getItem({KEY_STORAGE!r})") == API_KEY
     page.reload()
@@ -663,3 +681,104 @@ def test_redoc_renders_every_operation_offline(offline_page, server):
     screenshot(page, "docs-redoc.png")
     assert f"{server.url}/static-offline-docs/redoc.standalone.js" in page.requests
     assert outside(page.requests, server) == []
+
+
+def test_a_caption_cut_at_max_length_is_marked_unfinished(page_factory, server, scene_png):
+    page = page_factory()
+    page.set_input_files("#file", str(scene_png))
+    page.wait_for_selector("#caption .word")
+    expected = httpx.post(
+        f"{server.url}/caption",
+        params={"beam_size": 3},
+        files={"image": ("scene.png", scene_png.read_bytes(), "image/png")},
+        headers=server.headers(),
+    ).json()
+    assert expected["finished"] is False  # the untrained model never writes <end>
+    n = len(expected["tokens"])
+    assert page.inner_text("#caption .cut-mark") == "…"
+    assert visible(page, "#caption-cut")
+    assert f"cut at {n} words" in page.inner_text("#caption-cut")
+    screenshot(page, "web-page-unfinished-caption.png")
+    assert page.js_errors == []
+
+
+def test_a_finished_caption_has_no_mark(browser, tmp_path, scene_png):
+    vocab = Vocabulary.build(TINY_CAPTIONS)
+    scripted = Captioner(scripted_model(vocab, ["two", "green", "triangles"]), vocab)
+    settings = Settings(
+        caption_model=scripted.save(tmp_path / "scripted"),
+        vqa_model=None,
+        max_batch_delay_ms=0,
+        cors_origins=[],
+    )
+    with serving(settings) as url:
+        context = browser.new_context(viewport={"width": 1280, "height": 900})
+        try:
+            page = context.new_page()
+            page.set_default_timeout(TIMEOUT_MS)
+            page.goto(url + "/")
+            page.wait_for_selector("#status[data-state='ready']")
+            page.set_input_files("#file", str(scene_png))
+            page.wait_for_selector("#caption .word")
+            assert page.locator("#caption .word").all_inner_texts() == ["two", "green", "triangles"]
+            assert page.locator("#caption .cut-mark").count() == 0
+            assert not visible(page, "#caption-cut")
+        finally:
+            context.close()
+
+
+def test_unknown_question_words_are_shown(page_factory, server, scene_png):
+    if server.vqa_skip_reason:
+        pytest.skip(server.vqa_skip_reason)
+    page = page_factory()
+    page.set_input_files("#file", str(scene_png))
+    page.wait_for_selector("#caption .word")
+    page.fill("#question", "is the zebra above the refrigerator?")
+    page.click("#ask")
+    page.wait_for_selector("#unknown-words:not([hidden])")
+    text = page.inner_text("#unknown-words")
+    assert "“zebra”, “above”, “refrigerator”" in text and "does not know" in text
+    assert visible(page, "#guess-note") and "guess" in page.inner_text("#guess-note")
+    assert page.inner_text("#answer-text") in ANSWERS  # still answered
+    screenshot(page, "web-page-unknown-words.png")
+
+    page.fill("#question", "what color is the circle?")  # every word known
+    page.click("#ask")
+    page.wait_for_selector("#unknown-words", state="hidden")
+    assert not visible(page, "#guess-note")
+
+    page.fill("#question", "what color is the zebra?")  # one unknown word, a known content word
+    page.click("#ask")
+    page.wait_for_selector("#unknown-words:not([hidden])")
+    assert "the word “zebra”" in page.inner_text("#unknown-words")
+    assert not visible(page, "#guess-note")
+    assert page.js_errors == []
+
+
+def test_each_model_has_a_summary_line_and_its_whole_card(page_factory, server):
+    page = page_factory()
+    page.wait_for_selector("#models .model")
+    models = httpx.get(f"{server.url}/models", headers=server.headers()).json()["models"]
+    items = page.locator("#models .model")
+    assert items.count() == len(models) == (1 if server.vqa_skip_reason else 2)
+    for index, model in enumerate(models):
+        item = items.nth(index)
+        line = item.locator(".model-summary").inner_text()
+        assert line.startswith(f"{model['name']} {model['version']} ({model['kind']}): ")
+        assert line.endswith(model["card"]["summary"])
+        assert not item.locator(".model-card dl").is_visible()  # the card is one click away
+    captioner = items.nth(0)
+    captioner.locator(".model-card summary").click()
+    card = captioner.locator(".model-card dl").inner_text()
+    for text in (
+        "Random noise, 32x32.",
+        "Knows nothing.",
+        "Never ends a caption.",
+        "Test: 4 noise images",
+        "CIDEr 0.125; per_type: color 0.500",
+        "python -m training.evaluate --model x",
+        f"{models[0]['card']['vocabulary_size']} tokens",
+    ):
+        assert text in card, text
+    screenshot(page, "web-page-model-card.png")
+    assert page.js_errors == []

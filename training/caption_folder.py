@@ -3,10 +3,11 @@
     python -m training.caption_folder photos/ --out captions.jsonl [--model DIR] [--overlays DIR]
     torchrun --nproc_per_node=4 -m training.caption_folder photos/ --out captions.jsonl
 
-Each line of OUT.jsonl is `{"path": "<path relative to IN_DIR>", "caption": str, "score": float}`
-(score: the beam's log-probability of the caption), or `{"path": ..., "error": str}` for a file
-with an image suffix that does not decode. Error lines make a rerun skip those files too; pass
---retry-errors to try them again. Images are the files with an image suffix directly in IN_DIR,
+Each line of OUT.jsonl is `{"path": "<path relative to IN_DIR>", "caption": str, "score": float,
+"finished": bool}` (score: the beam's log-probability of the caption; finished: false when the
+caption was cut at --max-length before the model ended it), or `{"path": ..., "error": str}` for
+a file with an image suffix that does not decode. Error lines make a rerun skip those files too;
+pass --retry-errors to try them again. Images are the files with an image suffix directly in IN_DIR,
 or under it with --recursive.
 
 Resuming: a rerun first consolidates what earlier runs left (OUT.jsonl and any OUT.jsonl.part<r>):
@@ -170,7 +171,8 @@ def caption_files(
     max_length: int = 20,
     overlays: Path | None = None,
 ) -> list[dict[str, Any]]:
-    """One record per file, in order: its caption and score, or why it did not decode."""
+    """One record per file, in order: its caption, score and whether it was finished, or why it
+    did not decode."""
     by_path: dict[Path, dict[str, Any]] = {}
     decoded: list[tuple[Path, Image.Image]] = []
     for f in files:
@@ -188,7 +190,12 @@ def caption_files(
             tmp = target.with_name(f".{target.name}.tmp")
             overlay_strip(image, result).save(tmp, format="PNG")
             os.replace(tmp, target)
-        by_path[f] = {"path": rel, "caption": result.caption, "score": round(result.score, 6)}
+        by_path[f] = {
+            "path": rel,
+            "caption": result.caption,
+            "score": round(result.score, 6),
+            "finished": result.finished,
+        }
     return [by_path[f] for f in files]
 
 

@@ -1,15 +1,23 @@
-"""`GET /health`, `/ready` (open), `/metrics` and `/models` (behind the API key when one is set)."""
+"""`GET /health`, `/ready` (open), `/metrics`, `/models` and `/models/{name}/card` (behind the API
+key when one is set)."""
 
 from __future__ import annotations
 
 from typing import Any
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, HTTPException, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from ..deps import ApiKeyDep, MetricsDep
-from ..schemas import ERRORS, ErrorResponse, HealthResponse, ModelsResponse, ReadyResponse
+from ..schemas import (
+    ERRORS,
+    ErrorResponse,
+    HealthResponse,
+    ModelCardResponse,
+    ModelsResponse,
+    ReadyResponse,
+)
 
 router = APIRouter(tags=["service"])
 
@@ -58,3 +66,19 @@ async def metrics(metrics: MetricsDep) -> Response:
 )
 async def models(request: Request) -> dict[str, Any]:
     return {"models": [s.metadata() for s in request.app.state.services.values()]}
+
+
+@router.get(
+    "/models/{name}/card",
+    dependencies=[ApiKeyDep],
+    response_model=ModelCardResponse,
+    summary="The card of a loaded model: its domain, data, figures, intended use and limits",
+    responses={401: ERRORS[401], 404: {"model": ErrorResponse, "description": "no such model"}},
+)
+async def model_card(name: str, request: Request) -> dict[str, Any]:
+    loaded = [s.metadata() for s in request.app.state.services.values()]
+    for meta in loaded:
+        if meta["name"] == name:
+            return meta["card"]
+    names = ", ".join(repr(m["name"]) for m in loaded) or "none"
+    raise HTTPException(404, f"no loaded model is named {name!r}; loaded: {names}")

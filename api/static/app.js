@@ -139,6 +139,7 @@ async function checkReady() {
   const parts = Object.entries(models).map(([name, s]) => `${name} ${s}`);
   els.status.textContent = `Ready: ${parts.join(", ")}`;
   els.status.dataset.state = "ready";
+  loadModels();
   if (models.vqa && models.vqa !== "loaded") {
     els.vqaNote.textContent = `Questions are not available: the VQA model is ${models.vqa} on this server.`;
     els.vqaNote.hidden = false;
@@ -147,6 +148,98 @@ async function checkReady() {
     els.question.disabled = true;
     els.suggestions.hidden = true;
   }
+}
+
+// -- the models' cards -------------------------------------------------------------------------------
+
+async function loadModels() {
+  let data;
+  try {
+    data = await api("models");
+  } catch (err) {
+    els.modelsNote.textContent =
+      err.status === 401
+        ? "The model cards need the API key (see “API key” above)."
+        : `The model cards are not available: ${err.detail}`;
+    els.modelsNote.hidden = false;
+    return;
+  }
+  const models = (data && data.models) || [];
+  els.models.replaceChildren(...models.map(renderModel));
+  els.modelsNote.textContent = models.length ? "" : "No model is loaded.";
+  els.modelsNote.hidden = models.length > 0;
+}
+
+function figureText(value) {
+  if (value === null || value === undefined) return "not measured";
+  return Number.isInteger(value) ? value.toLocaleString("en") : value.toFixed(3);
+}
+
+function metricsText(metrics) {
+  const parts = [];
+  for (const [name, value] of Object.entries(metrics || {})) {
+    if (value !== null && typeof value === "object") {
+      const inner = Object.entries(value).map(([k, v]) => `${k} ${figureText(v)}`);
+      parts.push(`${name}: ${inner.join(", ")}`);
+    } else {
+      parts.push(`${name} ${figureText(value)}`);
+    }
+  }
+  return parts.join("; ") || "none";
+}
+
+function element(tag, text, className) {
+  const node = document.createElement(tag);
+  if (text !== undefined) node.textContent = text;
+  if (className) node.className = className;
+  return node;
+}
+
+// One line for the model, then its whole card (GET /models/{name}/card) behind a disclosure.
+function renderModel(model) {
+  const card = model.card;
+  const item = element("li", undefined, "model");
+  item.dataset.name = model.name;
+  const line = element("p", undefined, "model-summary");
+  line.append(element("strong", `${model.name} ${model.version}`), ` (${model.kind}): `);
+  line.append(card ? card.summary : "no model card");
+  item.append(line);
+  if (!card) return item;
+  const details = element("details", undefined, "model-card");
+  details.append(element("summary", "Model card"));
+  const list = element("dl");
+  const add = (term, ...values) => {
+    list.append(element("dt", term));
+    for (const value of values) {
+      const dd = element("dd");
+      dd.append(value);
+      list.append(dd);
+    }
+  };
+  const code = (text) => element("code", text);
+  add("Trained on", card.domain);
+  add("Intended use", card.intended_use);
+  const limits = element("ul");
+  limits.append(...card.limitations.map((text) => element("li", text)));
+  add("Known limits", limits);
+  const sizes = Object.entries(card.data.sizes).map(([k, v]) => `${k.replaceAll("_", " ")} ${figureText(v)}`);
+  add("Training data", `${card.data.description}${sizes.length ? ` (${sizes.join(", ")})` : ""}`);
+  if (card.data.command) add("Data command", code(card.data.command));
+  if (card.training.command) add("Training command", code(card.training.command));
+  add(
+    "Vocabulary",
+    `${card.vocabulary_size} tokens` + (card.answers ? `; ${card.answers} possible answers` : ""),
+  );
+  if (card.validation) {
+    const epoch = card.validation.epoch ? ` (epoch ${card.validation.epoch})` : "";
+    add(`Validation${epoch}`, metricsText(card.validation.metrics));
+  }
+  for (const test of card.tests) {
+    add(`Test: ${test.data}`, metricsText(test.metrics), code(test.command));
+  }
+  details.append(list);
+  item.append(details);
+  return item;
 }
 
 // -- the image -------------------------------------------------------------------------------------
@@ -238,6 +331,7 @@ const PUNCTUATION = /^[^\p{L}\p{N}]+$/u;
 function renderCaption(result) {
   els.caption.replaceChildren();
   els.captionMeta.textContent = "";
+  els.captionCut.hidden = true;
   if (!result) {
     els.caption.hidden = true;
     els.captionHelp.hidden = true;
@@ -274,6 +368,18 @@ function renderCaption(result) {
     els.caption.append(word);
   });
   if (result.tokens.length === 0) els.caption.textContent = "(the model wrote an empty caption)";
+  const cut = result.finished === false;
+  if (cut) {
+    const mark = document.createElement("span");
+    mark.className = "cut-mark";
+    mark.textContent = "…";
+    mark.setAttribute("aria-hidden", "true");
+    els.caption.append(mark);
+    const n = result.tokens.length;
+    els.captionCut.textContent =
+      `Unfinished: cut at ${n} word${n === 1 ? "" : "s"}, before the model ended the caption.`;
+  }
+  els.captionCut.hidden = !cut;
   els.caption.hidden = false;
   els.captionEmpty.hidden = true;
   els.captionHelp.hidden = !hasMaps;
@@ -339,9 +445,25 @@ function percent(p) {
   return `${(p * 100).toFixed(p >= 0.995 || p < 0.1 ? 1 : 0)}%`;
 }
 
+function quoted(words) {
+  return words.map((w) => `“${w}”`).join(", ");
+}
+
 function renderAnswer(result) {
   els.answerText.textContent = result.answer;
   els.confidence.textContent = `${percent(result.confidence)} confident`;
+  const unknown = result.unknown_words || [];
+  els.unknownWords.textContent = unknown.length
+    ? `The model does not know ${unknown.length === 1 ? "the word" : "the words"} ` +
+      `${quoted(unknown)}: it reads ${unknown.length === 1 ? "it" : "them"} as “unknown”.`
+    : "";
+  els.unknownWords.hidden = unknown.length === 0;
+  const guess = result.known_content_words === false;
+  els.guessNote.textContent = guess
+    ? "The model knows none of the words this question is about, so the answer cannot depend " +
+      "on them: treat it as a guess, whatever its confidence."
+    : "";
+  els.guessNote.hidden = !guess;
   els.topAnswers.replaceChildren(
     ...result.top_answers.map(({ answer, probability }) => {
       const item = document.createElement("li");
@@ -524,6 +646,7 @@ function saveKey(event) {
   showKeyBadge();
   const retry = state.retry;
   state.retry = null;
+  if (key) loadModels();
   if (key && retry) {
     clearError();
     retry();
@@ -571,6 +694,7 @@ function init() {
     captionEmpty: $("caption-empty"),
     captionHelp: $("caption-help"),
     captionMeta: $("caption-meta"),
+    captionCut: $("caption-cut"),
     reference: $("reference"),
     askPanel: $("ask-panel"),
     askForm: $("ask-form"),
@@ -581,9 +705,13 @@ function init() {
     answer: $("answer"),
     answerText: $("answer-text"),
     confidence: $("confidence"),
+    unknownWords: $("unknown-words"),
+    guessNote: $("guess-note"),
     glimpses: $("glimpses"),
     topAnswers: $("top-answers"),
     answerMeta: $("answer-meta"),
+    modelsNote: $("models-note"),
+    models: $("models"),
   });
 
   const stored = apiKey();

@@ -19,6 +19,7 @@ import torch
 from captioner.caption.caption_net import CaptionNet
 from captioner.caption.decoder import DecoderConfig
 from captioner.caption.search import Hypothesis, beam_search, greedy, sample
+from captioner.card import CARD, ModelCard, card_from_training, read_card
 from captioner.checkpoint import ModelDirError, build_checked, load_model_dir, save_model_dir
 from captioner.encoder import EncoderConfig
 from captioner.image import ImageInput, as_images, preprocess_batch
@@ -35,6 +36,7 @@ class Captioner:
         version: str = "0",
         training: dict | None = None,
         device: str | torch.device = "cpu",
+        card: ModelCard | None = None,
     ):
         if model.decoder.config.vocab_size != len(vocab):
             raise ValueError(
@@ -45,6 +47,8 @@ class Captioner:
         self.name, self.version = name, version
         self.training = training or {}
         self.device = torch.device(device)
+        self.card = card or card_from_training("captioner", self.training, len(vocab))
+        self.card.check_matches("captioner", len(vocab), None)
 
     # -- files ---------------------------------------------------------------------------------
     @classmethod
@@ -67,6 +71,7 @@ class Captioner:
                 version=str(config.get("version", "0")),
                 training=side.get("training.json"),
                 device=device,
+                card=_card(path, side, len(vocab)),
             )
         except ModelDirError:
             raise
@@ -86,9 +91,11 @@ class Captioner:
 
     def files(self, training: dict | None = None) -> dict[str, Any]:
         """The side JSON files of a model folder."""
+        card = self.card if training is None else self.card.with_training(training)
         return {
             "vocab.json": self.vocab.to_json(),
             "training.json": training if training is not None else self.training,
+            CARD: card.to_dict(),
         }
 
     def save(self, path: str | Path, training: dict | None = None) -> Path:
@@ -109,6 +116,7 @@ class Captioner:
             "vocabulary_size": len(self.vocab),
             "training_data": self.training.get("data"),
             "metrics": self.training.get("metrics"),
+            "card": self.card.to_dict(),
         }
 
     # -- inference -----------------------------------------------------------------------------
@@ -191,4 +199,12 @@ class Captioner:
             score=float(hyp.score),
             attention=attention,
             model={"name": self.name, "version": self.version},
+            finished=hyp.finished,
         )
+
+
+def _card(path: str | Path, side: dict[str, Any], vocabulary_size: int) -> ModelCard:
+    try:
+        return read_card(side, "captioner", side.get("training.json"), vocabulary_size)
+    except ValueError as exc:
+        raise ModelDirError(f"{Path(path) / CARD} is not a valid model card: {exc}") from exc

@@ -22,6 +22,7 @@ from typing import Any
 import torch
 from PIL import Image
 
+from captioner.card import CARD, ModelCard, card_from_training, read_card
 from captioner.checkpoint import ModelDirError, build_checked, load_model_dir, save_model_dir
 from captioner.encoder import EncoderConfig
 from captioner.image import (
@@ -72,6 +73,7 @@ class Answerer:
         training: dict | None = None,
         device: str | torch.device = "cpu",
         cache_size: int = 256,
+        card: ModelCard | None = None,
     ):
         if model.config.question_vocab_size != len(question_vocab):
             raise ValueError(
@@ -89,6 +91,9 @@ class Answerer:
         self.training = training or {}
         self.device = torch.device(device)
         self.cache = FeatureCache(cache_size)
+        sizes = len(question_vocab), len(self.answers)
+        self.card = card or card_from_training("vqa", self.training, *sizes)
+        self.card.check_matches("vqa", *sizes)
 
     # -- files ---------------------------------------------------------------------------------
     @classmethod
@@ -116,6 +121,7 @@ class Answerer:
                 training=side.get("training.json"),
                 device=device,
                 cache_size=cache_size,
+                card=_card(path, side, len(vocab), len(answers)),
             )
         except ModelDirError:
             raise
@@ -136,10 +142,12 @@ class Answerer:
 
     def files(self, training: dict | None = None) -> dict[str, Any]:
         """The side JSON files of a model folder."""
+        card = self.card if training is None else self.card.with_training(training)
         return {
             ANSWERS: {"answers": self.answers},
             QUESTION_VOCAB: self.question_vocab.to_json(),
             "training.json": training if training is not None else self.training,
+            CARD: card.to_dict(),
         }
 
     def save(self, path: str | Path, training: dict | None = None) -> Path:
@@ -162,6 +170,7 @@ class Answerer:
             "vocabulary_size": len(self.question_vocab),
             "training_data": self.training.get("data"),
             "metrics": self.training.get("metrics"),
+            "card": self.card.to_dict(),
         }
 
     # -- inference -----------------------------------------------------------------------------
@@ -219,6 +228,8 @@ class Answerer:
                     top_answers=top,
                     attention=None if maps is None else maps[k],
                     model=model,
+                    unknown_words=self.question_vocab.unknown_words(questions[k]),
+                    known_content_words=self.question_vocab.known_content_words(questions[k]),
                 )
             )
         return results
@@ -292,6 +303,13 @@ class Answerer:
             return preprocess(image, self.input_size)
 
         return self.image_memory(keys, pixels)
+
+
+def _card(path: str | Path, side: dict[str, Any], vocabulary_size: int, answers: int) -> ModelCard:
+    try:
+        return read_card(side, "vqa", side.get("training.json"), vocabulary_size, answers)
+    except ValueError as exc:
+        raise ModelDirError(f"{Path(path) / CARD} is not a valid model card: {exc}") from exc
 
 
 def _read_bytes(image: bytes | bytearray | memoryview | str | os.PathLike) -> bytes:
