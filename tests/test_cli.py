@@ -1,4 +1,10 @@
+import base64
+import io
 import json
+
+import numpy as np
+import pytest
+from PIL import Image
 
 from api.cli import main
 from tests.test_checkpoint import _images
@@ -56,6 +62,28 @@ def test_missing_model_folder_is_a_clear_error(tmp_path, capsys):
     assert "model folder not found" in capsys.readouterr().err
 
 
+def assert_same_json(a, b, path="$"):
+    """The same JSON, but for the last bits of floats (the service decodes in a worker thread,
+    and on a loaded machine two runs of one model have differed by 2e-7) and, as a consequence,
+    a level or so of the 8-bit PNG overlays."""
+    assert type(a) is type(b), path
+    if isinstance(a, dict):
+        assert a.keys() == b.keys(), path
+        for key in a:
+            assert_same_json(a[key], b[key], f"{path}.{key}")
+    elif isinstance(a, list):
+        assert len(a) == len(b), path
+        for i, (x, y) in enumerate(zip(a, b)):
+            assert_same_json(x, y, f"{path}[{i}]")
+    elif isinstance(a, float):
+        assert a == pytest.approx(b, rel=1e-5, abs=1e-6), path
+    elif isinstance(a, str) and path.startswith("$.attention.overlays"):
+        pixels = [np.asarray(Image.open(io.BytesIO(base64.b64decode(x))), float) for x in (a, b)]
+        assert np.abs(pixels[0] - pixels[1]).max() <= 2, path
+    else:
+        assert a == b, path
+
+
 def test_the_cli_prints_what_the_api_returns(tmp_path, capsys):
     """One serialiser per result: `captioner caption`/`ask` print the HTTP API's JSON, plus the
     image's path, for the same request."""
@@ -74,7 +102,8 @@ def test_the_cli_prints_what_the_api_returns(tmp_path, capsys):
                          "--attention", fmt]) == 0  # fmt: skip
             printed = json.loads(capsys.readouterr().out)
             assert printed.pop("image") == str(image)
-            assert printed == api and (api["attention"] is None) == (fmt == "none")
+            assert_same_json(printed, api)
+            assert (api["attention"] is None) == (fmt == "none")
 
             data = {"question": question}
             api = client.post(f"/vqa?attention={fmt}&top_k=2", files=files, data=data).json()
@@ -82,7 +111,8 @@ def test_the_cli_prints_what_the_api_returns(tmp_path, capsys):
                          "--attention", fmt]) == 0  # fmt: skip
             printed = json.loads(capsys.readouterr().out)
             assert printed.pop("image") == str(image)
-            assert printed == api and len(api["top_answers"]) == 2
+            assert_same_json(printed, api)
+            assert len(api["top_answers"]) == 2
 
 
 def test_caption_and_ask_print_finished_and_unknown_words(tmp_path, vocab, capsys):
