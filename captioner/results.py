@@ -59,6 +59,10 @@ class CaptionResult:
     score: float
     attention: np.ndarray | None  # (len(tokens), h, w), each map sums to 1; None without attention
     model: dict[str, str] = field(default_factory=dict)  # {"name", "version"} of the captioner
+    # How unlike the model's training images the image looks (`captioner.domain`); None for a
+    # model folder without domain statistics.
+    domain_score: float | None = None
+    in_domain: bool | None = None
 
     def to_dict(
         self,
@@ -72,6 +76,8 @@ class CaptionResult:
             "score": self.score,
             "attention": attention_payload(attention, self.attention, image),
             "model": self.model,
+            "domain_score": self.domain_score,
+            "in_domain": self.in_domain,
         }
 
 
@@ -83,6 +89,8 @@ class AnswerResult:
     top_answers: list[tuple[str, float]]
     attention: np.ndarray | None  # (G, h, w), each glimpse's map sums to 1; None without attention
     model: dict[str, str] = field(default_factory=dict)  # {"name", "version"} of the VQA model
+    domain_score: float | None = None  # as in CaptionResult, for the question's image
+    in_domain: bool | None = None
 
     def to_dict(
         self,
@@ -96,4 +104,6 @@ class AnswerResult:
             "top_answers": [{"answer": a, "probability": p} for a, p in self.top_answers],
             "attention": attention_payload(attention, self.attention, image),
             "model": self.model,
+            "domain_score": self.domain_score,
+            "in_domain": self.in_domain,
         }
