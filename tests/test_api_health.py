@@ -158,6 +158,8 @@ def test_openapi_lists_the_endpoints(client):
         "top_answers",
         "attention",
         "model",
+        "domain_score",
+        "in_domain",
     }
     assert set(schemas["AnswerProbability"]["properties"]) == {"answer", "probability"}
     assert client.get("/docs").status_code == 200
