@@ -74,11 +74,13 @@ class DomainStats:
         chol, bad = torch.linalg.cholesky_ex(cov.detach().double().cpu())
         if int(bad):
             raise ValueError("covariance must be positive definite (its Cholesky factor failed)")
-        # Whitening: z = (x - mean) @ whiten, |z|^2 is the squared Mahalanobis distance.
+        # Whitening: z = (x - mean) @ L^-T, |z|^2 is the squared Mahalanobis distance. Kept as
+        # x @ W - shift with the 1/sqrt(D) folded in: a request's score is two small ops.
         eye = torch.eye(d, dtype=torch.float64)
-        whiten = torch.linalg.solve_triangular(chol, eye, upper=False).T  # (D, D) = L^-T
+        whiten = torch.linalg.solve_triangular(chol, eye, upper=False).T / math.sqrt(d)  # (D, D)
+        shift = mean.detach().double().cpu() @ whiten  # (D,)
         object.__setattr__(self, "_whiten", whiten.float().to(mean.device))
-        object.__setattr__(self, "_mean", mean.float())
+        object.__setattr__(self, "_shift", shift.float().to(mean.device))
 
     @property
     def feature_dim(self) -> int:
@@ -124,7 +126,6 @@ class DomainStats:
         return cls(unset.mean, unset.covariance, max(threshold, 1e-6), description, record)
 
     # -- scoring -----------------------------------------------------------------------------
-    @torch.inference_mode()
     def score(self, pooled: torch.Tensor) -> torch.Tensor:
         """Pooled features (B, D) -> domain scores (B,) float32 on their device: the Mahalanobis
         distance from the training mean over sqrt(D); higher is more unlike the training images."""
@@ -132,10 +133,16 @@ class DomainStats:
             raise ValueError(
                 f"pooled features must be (B, {self.feature_dim}), got {_shape(pooled)}"
             )
-        whiten = self._whiten.to(pooled.device)
-        z = (pooled.float() - self._mean.to(pooled.device)) @ whiten  # (B, D)
-        scores = z.norm(dim=1) / math.sqrt(self.feature_dim)
-        return torch.nan_to_num(scores, nan=MAX_SCORE, posinf=MAX_SCORE)
+        whiten, shift = self._whiten, self._shift
+        if whiten.device != pooled.device:
+            whiten, shift = whiten.to(pooled.device), shift.to(pooled.device)
+        z = torch.addmm(shift, pooled.float(), whiten, beta=-1)  # (B, D): (x - mean) whitened
+        return torch.linalg.vector_norm(z, dim=1)
+
+    def scores(self, grid: torch.Tensor) -> list[float]:
+        """Encoder grids (B, L, D) -> domain scores as floats (what a result carries); a
+        non-finite one (never seen: features are finite) becomes MAX_SCORE, so JSON can hold it."""
+        return [s if math.isfinite(s) else MAX_SCORE for s in self.score_grid(grid).tolist()]
 
     def score_grid(self, grid: torch.Tensor) -> torch.Tensor:
         """Encoder grids (B, L, D) -> domain scores (B,): `score` of their mean over the cells."""

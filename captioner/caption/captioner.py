@@ -155,7 +155,7 @@ class Captioner:
         the training images), or None without domain statistics."""
         if self.domain is None:
             return None
-        return self.domain.score_grid(features).tolist()
+        return self.domain.scores(features)
 
     def caption(
         self,

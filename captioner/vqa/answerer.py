@@ -215,7 +215,7 @@ class Answerer:
         """As `encode`, with each image's domain score from the same encoder pass (higher: more
         unlike the training images), or None without domain statistics."""
         grid = self.model.encoder(batch.to(self.device))[0]  # (B, L, D)
-        scores = None if self.domain is None else self.domain.score_grid(grid).tolist()
+        scores = None if self.domain is None else self.domain.scores(grid)
         return self.model.prepare(grid), scores
 
     @torch.inference_mode()
