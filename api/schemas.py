@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -31,6 +31,22 @@ class PngAttention(_Strict):
 
 
 Attention = GridAttention | PngAttention | None
+DomainScore = Annotated[
+    float | None,
+    Field(
+        description="how unlike the model's training images the image looks to its encoder "
+        "(Mahalanobis distance of the pooled features, ~1 for a typical training image); null "
+        "when the model folder has no domain statistics"
+    ),
+]
+InDomain = Annotated[
+    bool | None,
+    Field(
+        description="false when domain_score is above the model's threshold: the image is unlike "
+        "what the model was trained on (GET /models says what that is), so its output is "
+        "unreliable; null without domain statistics"
+    ),
+]
 
 
 class CaptionResponse(_Strict):
@@ -48,6 +64,8 @@ class CaptionResponse(_Strict):
         "A caption of exactly max_length words is false: the search stops before the model "
         "can end it"
     )
+    domain_score: DomainScore
+    in_domain: InDomain
 
 
 class CaptionBatchResponse(_Strict):
@@ -77,6 +95,8 @@ class VQAResponse(_Strict):
         "quantifiers) is known to the model: the question is still answered, but the answer "
         "cannot depend on what it asks about, so treat it as a guess whatever its confidence"
     )
+    domain_score: DomainScore
+    in_domain: InDomain
 
 
 class ErrorResponse(_Strict):

@@ -1,7 +1,8 @@
 """The loaded models behind the routes, each with its own micro-batcher.
 
 `CaptionService.run_batch` stacks every waiting image into one encoder pass, then decodes in one
-batched beam search per distinct (beam_size, max_length). `VQAService.run_batch` goes through the
+batched beam search per distinct (beam_size, max_length); each image's domain score comes from the
+same features. `VQAService.run_batch` goes through the
 answerer's own feature cache (`Answerer.image_memory`: cached images cost nothing, each distinct
 new image is encoded once), then answers in one pass per distinct top_k. Both run in the
 batcher's worker thread, never on the event loop.
@@ -124,12 +125,16 @@ class VQAService:
         """The answerer's own path: its feature cache, then one pass per distinct top_k."""
         with torch.inference_mode():
             keys = [self.answerer.image_key(job.data) for job in jobs]
-            memory = self.answerer.image_memory(keys, lambda i: jobs[i].pixels)  # (B, L, M)
+            # (B, L, M), and each image's domain score (computed when it was encoded) or None
+            memory, scores = self.answerer.image_memory(keys, lambda i: jobs[i].pixels)
             results: list[AnswerResult | None] = [None] * len(jobs)
             for top_k, rows in _groups([job.top_k for job in jobs]).items():
                 index = torch.tensor(rows, device=memory.device)
                 answers = self.answerer.answer_features(
-                    memory.index_select(0, index), [jobs[r].question for r in rows], top_k
+                    memory.index_select(0, index),
+                    [jobs[r].question for r in rows],
+                    top_k,
+                    domain_scores=None if scores is None else [scores[r] for r in rows],
                 )
                 for row, answer in zip(rows, answers, strict=True):
                     results[row] = answer

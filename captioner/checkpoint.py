@@ -74,6 +74,49 @@ def save_model_dir(
     return path
 
 
+def update_model_dir(
+    path: str | Path,
+    files: dict[str, Any] | None = None,
+    tensors: dict[str, dict[str, torch.Tensor]] | None = None,
+) -> Path:
+    """Add (or replace) side files of an existing model folder, atomically: its files are copied
+    into a temporary sibling, the new `files` (JSON) and `tensors` (`*.safetensors`) written
+    there, then the folder is swapped in as `save_model_dir` does. `config.json` and the weights
+    stay as they are. A symlinked `path` (`current -> v2`) updates the folder it points to."""
+    path = Path(path)
+    if not path.is_dir():
+        raise ModelDirError(f"model folder not found: {path}")
+    path = path.resolve()
+    for name in files or {}:
+        if Path(name).name != name or not name.endswith(".json") or name == CONFIG:
+            raise ValueError(
+                f"side file name must be a plain *.json name other than {CONFIG}, got {name!r}"
+            )
+    for name in tensors or {}:
+        if Path(name).name != name or not name.endswith(".safetensors") or name == WEIGHTS:
+            raise ValueError(
+                f"tensor file name must be a plain *.safetensors name other than {WEIGHTS}, got {name!r}"
+            )
+    recover_model_dir(path)
+    for name in (CONFIG, WEIGHTS):
+        if not (path / name).is_file():
+            raise ModelDirError(f"model folder {path} is missing {name}")
+    with atomic_dir(path, replace=_replace_dir) as tmp:
+        for entry in sorted(path.iterdir()):
+            if not stat.S_ISREG(entry.lstat().st_mode):
+                raise ModelDirError(
+                    f"model folder {path} holds {entry.name}, which is not a regular file; "
+                    "refusing to update it"
+                )
+            if entry.name not in (files or {}) and entry.name not in (tensors or {}):
+                shutil.copyfile(entry, tmp / entry.name)  # a new file: the umask's mode
+        for name, data in (files or {}).items():
+            _write_json(tmp / name, data)
+        for name, data in (tensors or {}).items():
+            save_tensors(tmp / name, data)
+    return path
+
+
 def recover_model_dir(path: str | Path) -> None:
     """Clean up after a save of `path` that was killed: if `path` is missing but its previous
     version waits in `.NAME.old-*/NAME` (a kill between the two renames), move it back; then

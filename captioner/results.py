@@ -60,6 +60,10 @@ class CaptionResult:
     attention: np.ndarray | None  # (len(tokens), h, w), each map sums to 1; None without attention
     model: dict[str, str] = field(default_factory=dict)  # {"name", "version"} of the captioner
     finished: bool = True  # False when the search was cut at max_length before `<end>`
+    # How unlike the model's training images the image looks (`captioner.domain`); None for a
+    # model folder without domain statistics.
+    domain_score: float | None = None
+    in_domain: bool | None = None
 
     def to_dict(
         self,
@@ -74,6 +78,8 @@ class CaptionResult:
             "attention": attention_payload(attention, self.attention, image),
             "model": self.model,
             "finished": self.finished,
+            "domain_score": self.domain_score,
+            "in_domain": self.in_domain,
         }
 
 
@@ -89,6 +95,8 @@ class AnswerResult:
     unknown_words: list[str] = field(default_factory=list)
     # False when no content word of the question is known: the answer ignores what was asked about.
     known_content_words: bool = True
+    domain_score: float | None = None  # as in CaptionResult, for the question's image
+    in_domain: bool | None = None
 
     def to_dict(
         self,
@@ -104,4 +112,6 @@ class AnswerResult:
             "model": self.model,
             "unknown_words": self.unknown_words,
             "known_content_words": self.known_content_words,
+            "domain_score": self.domain_score,
+            "in_domain": self.in_domain,
         }

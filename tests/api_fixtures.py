@@ -13,12 +13,14 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pytest
 import torch
 from PIL import Image
 from starlette.exceptions import StarletteDeprecationWarning
 
 from api.settings import Settings
 from captioner.caption.captioner import Captioner
+from captioner.data.shapes import make_scene, render
 from captioner.vocab import Vocabulary
 from captioner.vqa.answerer import Answerer, VQANet
 from tests.conftest import TINY_CAPTIONS, tiny_encoder_config, tiny_model
@@ -63,6 +65,22 @@ def save_tiny_vqa(
     )
     model = Answerer(net, vocab, ANSWERS, name=name, version=version)
     return model.save(path, training={"data": {"dataset": "tiny"}, "metrics": {"accuracy": 0.1}})
+
+
+COCO_MINI = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "coco-mini"
+
+
+def coco_photo(index: int = 0) -> bytes:
+    """A real photo (JPEG bytes) of ../shared/data/coco-mini; skips the test when it is absent."""
+    photos = sorted((COCO_MINI / "images").glob("*.jpg"))
+    if len(photos) <= index:
+        pytest.skip(f"coco-mini photos not found at {COCO_MINI / 'images'}")
+    return photos[index].read_bytes()
+
+
+def scene_png(seed: int = 0) -> bytes:
+    """A shapes-world scene (what the demo models were trained on), as PNG bytes."""
+    return encode(render(make_scene(seed)))
 
 
 def settings(**overrides: Any) -> Settings:

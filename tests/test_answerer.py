@@ -10,6 +10,7 @@ from PIL import Image
 
 from api.cli import main as cli_main
 from captioner.checkpoint import ModelDirError
+from captioner.domain import DomainStats
 from captioner.image import UnreadableImageError
 from captioner.results import AnswerResult
 from captioner.vocab import Vocabulary
@@ -131,6 +132,31 @@ def test_same_image_bytes_five_times_encode_once(images):
     assert (vqa.cache.misses, vqa.cache.hits) == (1, 4)
     vqa.answer([images[1]] * 5, QUESTIONS)  # five copies in one call: one encoding too
     assert calls == [1, 1]
+
+
+def test_the_domain_score_is_computed_at_encoding_and_cached_with_the_image(images):
+    vqa = make_model()
+    assert vqa.answer([images[0]], [QUESTIONS[0]])[0].domain_score is None  # no statistics
+    with torch.inference_mode():
+        pooled = vqa.model.encoder(vqa.preprocess(images))[1]  # (4, D)
+    vqa.domain = DomainStats.fit(pooled[:3], pooled[3:], "dark squares", quantile=1.0)
+    calls = []
+    vqa.model.encoder.register_forward_hook(lambda m, inputs, out: calls.append(len(inputs[0])))
+    first = vqa.answer(images[:2], QUESTIONS[:2])
+    again = vqa.answer([images[1], images[0]], QUESTIONS[2:4])  # both from the cache
+    assert calls == [2] and vqa.cache.hits == 2
+    assert [r.domain_score for r in again] == [first[1].domain_score, first[0].domain_score]
+    _, scores = vqa.encode_scored(vqa.preprocess(images[:2]))
+    np.testing.assert_allclose([r.domain_score for r in first], scores, rtol=1e-6)
+    assert [r.in_domain for r in first] == [s <= vqa.domain.threshold for s in scores]
+    # Several questions about rows of a batch: each answer carries its own image's score.
+    memory, scores = vqa.image_memory([None, None], lambda i: vqa.preprocess(images[i : i + 1])[0])
+    several = vqa.answer_features(
+        memory, QUESTIONS[:3], image_index=[1, 0, 1], domain_scores=scores
+    )
+    assert [r.domain_score for r in several] == [scores[1], scores[0], scores[1]]
+    with pytest.raises(ValueError, match="3 domain scores for 2 images"):
+        vqa.answer_features(memory, QUESTIONS[:2], domain_scores=[1.0, 2.0, 3.0])
 
 
 def test_paths_are_cached_by_content_and_pil_images_bypass_the_cache(tmp_path, images):

@@ -12,18 +12,24 @@ from PIL import Image
 
 from api.app import create_app
 from captioner.caption.captioner import Captioner
+from captioner.paths import DEFAULT_CAPTION_MODEL
 from tests.api_fixtures import (
     GRID,
     TestClient,
     assert_error,
+    coco_photo,
     noise_image,
     png,
     save_tiny_captioner,
+    scene_png,
     settings,
     upload,
 )
 
-CAPTION_FIELDS = {"caption", "tokens", "token_logprobs", "score", "attention", "model", "finished"}
+CAPTION_FIELDS = {
+    *("caption", "tokens", "token_logprobs", "score", "attention", "model", "finished"),
+    *("domain_score", "in_domain"),
+}
 
 
 @pytest.fixture(scope="module")
@@ -180,6 +186,31 @@ def test_openapi_describes_the_caption_contract(client):
     response = schema["components"]["schemas"]["CaptionResponse"]
     assert set(response["properties"]) == CAPTION_FIELDS
     assert {"200", "413", "415", "422", "503", "504"} <= set(post["responses"])
+
+
+def test_a_model_without_domain_statistics_answers_null(client):
+    body = client.post("/caption", files=upload(png(1))).json()
+    assert (body["domain_score"], body["in_domain"]) == (None, None)
+    [model] = client.get("/models").json()["models"]
+    assert model["domain"] is None
+
+
+def test_the_demo_captioner_finds_a_scene_in_domain_and_a_photo_not():
+    scene, photo = scene_png(3), coco_photo(0)
+    with TestClient(create_app(settings(caption_model=DEFAULT_CAPTION_MODEL))) as demo:
+        single = [demo.post("/caption", files=upload(data)).json() for data in (scene, photo)]
+        files = [
+            ("image", ("scene.png", scene, "image/png")),
+            ("image", ("p.jpg", photo, "image/jpeg")),
+        ]
+        batch = demo.post("/caption/batch", files=files).json()["results"]
+        [model] = demo.get("/models").json()["models"]
+    assert [b["in_domain"] for b in single] == [True, False]
+    assert single[1]["domain_score"] > model["domain"]["threshold"] >= single[0]["domain_score"]
+    assert "synthetic shapes-world scenes" in model["domain"]["description"]
+    assert [b["in_domain"] for b in batch] == [True, False]
+    for one, many in zip(single, batch, strict=True):
+        assert many["domain_score"] == pytest.approx(one["domain_score"], rel=1e-5)
 
 
 @pytest.mark.cuda

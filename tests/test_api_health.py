@@ -160,6 +160,8 @@ def test_openapi_lists_the_endpoints(client):
         "model",
         "unknown_words",
         "known_content_words",
+        "domain_score",
+        "in_domain",
     }
     assert set(schemas["AnswerProbability"]["properties"]) == {"answer", "probability"}
     assert client.get("/docs").status_code == 200

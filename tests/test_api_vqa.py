@@ -12,14 +12,17 @@ import torch
 from PIL import Image
 
 from api.app import create_app
+from captioner.paths import DEFAULT_VQA_MODEL
 from captioner.vqa.answerer import Answerer
 from tests.api_fixtures import (
     ANSWERS,
     GRID,
     TestClient,
     assert_error,
+    coco_photo,
     png,
     save_tiny_vqa,
+    scene_png,
     settings,
     upload,
 )
@@ -27,6 +30,8 @@ from tests.api_fixtures import (
 VQA_FIELDS = {"question", "answer", "confidence", "top_answers", "attention", "model"} | {
     "unknown_words",
     "known_content_words",
+    "domain_score",
+    "in_domain",
 }
 
 
@@ -139,6 +144,28 @@ def test_cached_features_give_the_same_answer(client):
     first = ask(client, "what color is the circle?", data).json()
     again = ask(client, "what color is the circle?", data).json()
     assert again == first
+
+
+def test_a_model_without_domain_statistics_answers_null(client):
+    body = ask(client, "what color is the circle?").json()
+    assert (body["domain_score"], body["in_domain"]) == (None, None)
+
+
+def test_the_demo_vqa_model_flags_a_photo_and_keeps_its_score_with_the_cached_features():
+    scene, photo = scene_png(4), coco_photo(1)
+    with TestClient(create_app(settings(vqa_model=DEFAULT_VQA_MODEL))) as demo:
+        on_scene = ask(demo, "what color is the circle?", scene).json()
+        hits, misses = cache_counts(demo)
+        on_photo = [
+            ask(demo, q, photo).json() for q in ("what color is the circle?", "is there a square?")
+        ]
+        assert cache_counts(demo) == (hits + 1, misses + 1)  # the photo was encoded once
+        openapi = demo.get("/openapi.json").json()["components"]["schemas"]["VQAResponse"]
+    assert on_scene["in_domain"] is True
+    assert [b["in_domain"] for b in on_photo] == [False, False]
+    assert on_photo[1]["domain_score"] == on_photo[0]["domain_score"] > on_scene["domain_score"]
+    assert {"domain_score", "in_domain"} <= set(openapi["required"])
+    assert "training images" in openapi["properties"]["domain_score"]["description"]
 
 
 @pytest.mark.parametrize(

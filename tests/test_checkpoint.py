@@ -7,7 +7,13 @@ import pytest
 import torch
 
 from captioner.caption.captioner import Captioner
-from captioner.checkpoint import ModelDirError, load_model_dir, load_tensors, save_model_dir
+from captioner.checkpoint import (
+    ModelDirError,
+    load_model_dir,
+    load_tensors,
+    save_model_dir,
+    update_model_dir,
+)
 from tests.api_fixtures import save_tiny_captioner, save_tiny_vqa
 from tests.conftest import assert_umask_modes
 
@@ -150,3 +156,44 @@ def test_loading_does_not_import_torch_dynamo(tmp_path):
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_update_adds_side_files_keeping_the_rest_and_the_umask_modes(tmp_path, captioner, umask):
+    captioner.save(tmp_path / "m", training={"seed": 1})
+    (tmp_path / "current").symlink_to(tmp_path / "m")  # an operator's switch: updates its target
+    before = {p.name: p.read_bytes() for p in (tmp_path / "m").iterdir()}
+    update_model_dir(
+        tmp_path / "current",
+        files={"extra.json": {"a": 1}},
+        tensors={"x.safetensors": {"t": torch.ones(2)}},
+    )
+    assert (tmp_path / "current").is_symlink()
+    after = {p.name: p.read_bytes() for p in (tmp_path / "m").iterdir()}
+    assert set(after) == set(before) | {"extra.json", "x.safetensors"}
+    assert all(after[name] == data for name, data in before.items())
+    _, _, side = load_model_dir(tmp_path / "m", "captioner")
+    assert side["extra.json"] == {"a": 1}
+    assert torch.equal(load_tensors(tmp_path / "m" / "x.safetensors")["t"], torch.ones(2))
+    assert_umask_modes(umask, tmp_path / "m")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["current", "m"]
+
+
+def test_update_refuses_bad_names_and_folders_that_are_not_model_folders(tmp_path, captioner):
+    captioner.save(tmp_path / "m")
+    for files, tensors in (
+        ({"config.json": {}}, None),
+        ({"../x.json": {}}, None),
+        (None, {"model.safetensors": {"t": torch.ones(1)}}),
+        ({"x.txt": {}}, None),
+    ):
+        with pytest.raises(ValueError, match="name"):
+            update_model_dir(tmp_path / "m", files=files, tensors=tensors)
+    with pytest.raises(ModelDirError, match="not found"):
+        update_model_dir(tmp_path / "nothing", files={"a.json": {}})
+    (tmp_path / "half").mkdir()
+    with pytest.raises(ModelDirError, match="missing config.json"):
+        update_model_dir(tmp_path / "half", files={"a.json": {}})
+    (tmp_path / "m" / "sub").mkdir()
+    with pytest.raises(ModelDirError, match="sub, which is not a regular file"):
+        update_model_dir(tmp_path / "m", files={"a.json": {}})
+    assert not (tmp_path / "m" / "a.json").exists()

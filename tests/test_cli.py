@@ -138,3 +138,22 @@ def test_caption_and_ask_print_finished_and_unknown_words(tmp_path, vocab, capsy
         assert main(["ask", str(image), question, "--model", str(vqa)]) == 0
         printed = json.loads(capsys.readouterr().out)
         assert (printed["unknown_words"], printed["known_content_words"]) == (unknown, known)
+
+
+def test_the_demo_models_json_says_whether_each_image_is_in_domain(tmp_path, capsys):
+    from captioner.paths import DEFAULT_CAPTION_MODEL, DEFAULT_VQA_MODEL
+    from tests.api_fixtures import coco_photo, scene_png
+
+    scene, photo = tmp_path / "scene.png", tmp_path / "photo.jpg"
+    scene.write_bytes(scene_png(5))
+    photo.write_bytes(coco_photo(2))
+    assert main(["caption", str(scene), str(photo), "--model", str(DEFAULT_CAPTION_MODEL)]) == 0
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [(line["image"], line["in_domain"]) for line in lines] == [
+        (str(scene), True),
+        (str(photo), False),
+    ]
+    assert all(isinstance(line["domain_score"], float) for line in lines)
+    assert main(["ask", str(photo), "what color is it?", "--model", str(DEFAULT_VQA_MODEL)]) == 0
+    answer = json.loads(capsys.readouterr().out)
+    assert answer["in_domain"] is False and answer["domain_score"] > 1.5

@@ -1,12 +1,22 @@
 """training/loop.py, the loop both tasks share: under torchrun, a time budget that runs out
-mid-epoch while one rank is slower and its clock runs ahead stops every rank at the same step."""
+mid-epoch while one rank is slower and its clock runs ahead stops every rank at the same step;
+every saved model folder holds the domain statistics of its own weights."""
 
+import importlib
 import json
 
 import pytest
+import torch
 
+from captioner.caption.captioner import Captioner
+from captioner.data.caption_data import load_coco_captions
+from captioner.data.images import ImageTensors
 from captioner.data.shapes import generate_split
+from captioner.data.vqa_data import load_split, prepare
+from captioner.domain import DomainStats, split_holdout
+from captioner.vqa.answerer import Answerer
 from tests.conftest import run_torchrun
+from training import loop
 from training.make_shapes import write_split
 
 # Rank 1 sleeps in every loss (it reaches each collective last) and its clock runs 3x fast, so a
@@ -63,3 +73,63 @@ def test_a_time_budget_stops_every_rank_at_the_same_step(shapes, tmp_path, modul
     trainer = json.loads((out / "last" / "trainer.json").read_text())
     assert (trainer["step"], trainer["epoch"]) == (ranks[0]["step"], ranks[0]["epoch"])
     assert trainer["batch_in_epoch"] == ranks[0]["step"] - ranks[0]["epoch"] * steps_per_epoch
+
+
+# -- the domain statistics of every saved folder ------------------------------------------------
+
+SINGLE = ["--input-size", "32", "--encoder-width", "4", "--batch-size", "8", "--warmup-steps", "2"]
+SINGLE += ["--no-progress", "--device", "cpu", "--epochs", "2"]
+
+
+def _train(module: str, shapes, out, *extra: str) -> None:
+    task = importlib.import_module(f"training.{module}")
+    argv = ["--data", str(shapes), "--out", str(out), *SINGLE, *TASKS[module][1], *extra]
+    task.main(task.get_args_parser().parse_args(argv), argv)
+
+
+def _training_images(module: str, shapes) -> ImageTensors:
+    """The training images in the order the task holds them."""
+    if module == "train_vqa":
+        return prepare(load_split(shapes, "train"), 32).images
+    records = load_coco_captions(shapes / "train" / "captions.json", shapes / "train" / "images")
+    return ImageTensors([r.path for r in records.records], 32)
+
+
+@pytest.mark.parametrize(
+    ("module", "extra", "description"),
+    [
+        ("train_captioner", [], None),  # the encoder trains: statistics of each save's weights
+        (
+            "train_vqa",
+            ["--fine-tune-blocks", "0", "--domain-description", "tiny scenes"],
+            "tiny scenes",
+        ),
+    ],
+)
+def test_every_saved_folder_holds_domain_statistics_of_its_own_weights(
+    shapes, tmp_path, module, extra, description
+):
+    out = tmp_path / "run"
+    _train(module, shapes, out, *extra)
+    images = _training_images(module, shapes)
+    fit, held = split_holdout(len(images), loop.DOMAIN_HOLDOUT, 2500, seed=0)
+    for folder in (out / "best", out / "last"):
+        model = (Captioner if module == "train_captioner" else Answerer).load(folder)
+        with torch.inference_mode():
+            pooled = model.model.encoder.eval()(images.batch(fit + held))[1]
+        expected = DomainStats.fit(pooled[: len(fit)], pooled[len(fit) :], "x")
+        torch.testing.assert_close(model.domain.mean, expected.mean, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(
+            model.domain.covariance, expected.covariance, rtol=1e-3, atol=1e-5
+        )
+        assert model.domain.threshold == pytest.approx(expected.threshold, rel=1e-3)
+        assert model.domain.description == (
+            description or f"images like its training data ({shapes})"
+        )
+        assert (model.domain.info["fit_images"], model.domain.info["holdout_images"]) == (19, 5)
+
+
+def test_domain_images_0_saves_no_statistics(shapes, tmp_path):
+    _train("train_vqa", shapes, tmp_path / "run", "--domain-images", "0", "--epochs", "1")
+    assert Answerer.load(tmp_path / "run" / "best").domain is None
+    assert not (tmp_path / "run" / "last" / "domain.json").exists()

@@ -29,7 +29,9 @@ from api.app import create_app
 from api.settings import Settings
 from captioner.caption.captioner import Captioner
 from captioner.data.shapes import make_scene, render
+from captioner.paths import DEFAULT_CAPTION_MODEL, DEFAULT_VQA_MODEL
 from captioner.vocab import Vocabulary
+from tests.api_fixtures import COCO_MINI
 from tests.conftest import TINY_CAPTIONS, scripted_model, tiny_encoder_config, tiny_model
 
 ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
@@ -597,6 +599,60 @@ def test_without_attention_or_vqa_the_page_says_so(browser, tmp_path, scene_png)
             assert not visible(page, "#heat")
         finally:
             page.close()
+
+
+def test_an_unfamiliar_photo_gets_a_notice_naming_what_the_models_know(
+    browser, tmp_path, scene_png
+):
+    """The demo models (with their domain statistics): a real photo gets a notice per model that
+    names its training images, a shapes scene none."""
+    photos = sorted((COCO_MINI / "images").glob("*.jpg"))
+    if not photos:
+        pytest.skip(f"coco-mini photos not found at {COCO_MINI / 'images'}")
+    settings = Settings(
+        caption_model=DEFAULT_CAPTION_MODEL, vqa_model=DEFAULT_VQA_MODEL, api_key=API_KEY
+    )
+    with serving(settings) as url:
+        context = browser.new_context(viewport={"width": 1280, "height": 900})
+        context.add_init_script(f"sessionStorage.setItem({KEY_STORAGE!r}, {API_KEY!r})")
+        page = context.new_page()
+        page.set_default_timeout(TIMEOUT_MS)
+        errors: list[str] = []
+        page.on("pageerror", lambda exc: errors.append(str(exc)))
+        try:
+            page.goto(url + "/")
+            page.wait_for_selector("#status[data-state='ready']")
+
+            def upload_and_ask(path: Path) -> None:
+                page.set_input_files("#file", str(path))
+                page.wait_for_selector("#caption-panel[aria-busy='false'] #caption:not([hidden])")
+                page.fill("#question", "what color is the circle?")
+                page.click("#ask")
+                page.wait_for_selector("#ask-panel[aria-busy='false'] #answer:not([hidden])")
+                # both responses about this image have been checked
+                page.wait_for_selector(
+                    "#domain-notice[data-checked='caption vqa']", state="attached"
+                )
+
+            upload_and_ask(scene_png)
+            assert not visible(page, "#domain-notice")
+
+            upload_and_ask(photos[0])
+            # One paragraph: the two models were trained on the same images.
+            page.wait_for_selector("#domain-notice p[data-models='shapes-captioner shapes-vqa']")
+            notice = page.locator("#domain-notice")
+            assert notice.is_visible() and notice.locator("p").count() == 1
+            text = notice.inner_text()
+            assert text.startswith("This image is unlike what the model knows.")
+            assert "shapes-captioner and shapes-vqa were trained only on synthetic shapes" in text
+            assert "the caption and the answers may well be wrong" in text
+            screenshot(page, "web-page-domain-notice.png")
+
+            upload_and_ask(scene_png)  # back to a scene: the notice goes
+            assert not visible(page, "#domain-notice")
+            assert errors == []
+        finally:
+            context.close()
 
 
 # -- the API docs in Chromium, offline --------------------------------------------------------------

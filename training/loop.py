@@ -11,7 +11,11 @@ What the loop owns, the same for every task:
   clocks differ, and ranks that disagree would hang in the next collective);
 - the saves: `last/` every `--save-every` steps, on stopping and at each epoch end, `best/` when
   validation improves; BatchNorm statistics taken from rank 0 at each epoch end and on stopping,
-  so every rank (and the saved model) holds the same ones.
+  so every rank (and the saved model) holds the same ones;
+- the domain statistics in every saved folder (`captioner.domain`): the pooled encoder features of
+  up to `--domain-images` training images as the saved weights see them, the threshold at a high
+  quantile of the scores of a held-out fifth of those images (computed on rank 0 once per step
+  saved, from the cached features when the encoder is frozen).
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from captioner.checkpoint import check_state_dict, load_model_dir, load_tensors, save_model_dir
 from captioner.data.images import ImageTensors
+from captioner.domain import DEFAULT_QUANTILE, DomainStats, split_holdout
 from captioner.encoder import EncoderConfig
 from captioner.files import write_json_atomic
 from captioner.progress import progress
@@ -58,6 +63,7 @@ from training.common import (
 # the run's own only when this command line gives them again.
 RESUME_THIS_RUN = ("resume", "max_minutes", "stop_after_steps", "no_progress", "threads")
 RESUME_GIVEN_AGAIN = ("device", "epochs", "patience")
+DOMAIN_HOLDOUT = 0.2  # share of the --domain-images held out to set the domain threshold
 
 
 class Task:
@@ -206,6 +212,19 @@ def add_common_args(
         help="stop (and save last/) at this step; resume later",
     )
     run.add_argument("--no-progress", action="store_true")
+    run.add_argument(
+        "--domain-images",
+        type=int,
+        default=2500,
+        help="training images whose pooled features give each saved model its domain statistics "
+        "(a fifth held out for the threshold; 0: none)",
+    )
+    run.add_argument(
+        "--domain-description",
+        default=None,
+        help="what the training images are, in plain words, for the domain check's notice "
+        "(default: 'images like its training data (DATA)')",
+    )
     return groups
 
 
@@ -254,7 +273,7 @@ def save_last(wrapped: Any, run: Path, optimizer, scheduler, trainer: dict, trai
         wrapped.config(),
         wrapped.model.state_dict(),
         files,
-        tensors={"optimizer.safetensors": tensors},
+        tensors={"optimizer.safetensors": tensors, **wrapped.tensor_files()},
     )
 
 
@@ -272,6 +291,43 @@ def restore_last(run: Path, kind: str, model: nn.Module, optimizer, scheduler) -
     load_optimizer_state(optimizer, tensors, trainer["optimizer"])
     scheduler.load_state_dict(trainer["scheduler"])
     return trainer
+
+
+def domain_stats(
+    model: nn.Module,
+    images: ImageTensors,
+    features: torch.Tensor | None,
+    args: argparse.Namespace,
+    device: torch.device,
+) -> DomainStats | None:
+    """The domain statistics of `model` (`captioner.domain`) from its training `images`: fitted on
+    up to `--domain-images` of them, chosen with `--seed`, the threshold at the 99.5% quantile of
+    the scores of a held-out fifth; grids from `features` when the encoder is frozen (cached),
+    else from an encoder pass in eval mode. None with `--domain-images 0` or under 2 images."""
+    if args.domain_images <= 0 or len(images) < 2:
+        return None
+    fit_rows, held_rows = split_holdout(len(images), DOMAIN_HOLDOUT, args.domain_images, args.seed)
+    encoder, training = model.encoder, model.encoder.training
+    encoder.eval()
+    try:
+        with torch.inference_mode():
+            pooled = [
+                features[rows].mean(dim=1)
+                if features is not None
+                else encoder(images.batch(rows, device))[1].float().cpu()
+                for rows in batches(fit_rows + held_rows, 64)
+            ]
+    finally:
+        encoder.train(training)
+    pooled = torch.cat(pooled).float()
+    source = getattr(args, "data", None) or getattr(args, "train_images", None) or "its data"
+    return DomainStats.fit(
+        pooled[: len(fit_rows)],
+        pooled[len(fit_rows) :],
+        args.domain_description or f"images like its training data ({source})",
+        DEFAULT_QUANTILE,
+        {"source": "training images (training.loop)", "seed": args.seed},
+    )
 
 
 def weights_digest(model: nn.Module) -> str:
@@ -372,9 +428,20 @@ def _fit(make_task, args, d: Dist, run: Path, argv: list[str] | None) -> dict:
     net = DistributedDataParallel(objective) if d.enabled else objective
     last_metrics: dict = {}
     stop, loss = False, None
+    domain_step = None  # the step the domain statistics were computed at
+
+    def refresh_domain() -> None:
+        """The domain statistics of the weights about to be saved (rank 0): once per step, and
+        once in all when the encoder is frozen (its features never change)."""
+        nonlocal domain_step
+        if domain_step == step or (domain_step is not None and features is not None):
+            return
+        wrapped.domain = domain_stats(model, images, features, args, d.device)
+        domain_step = step
 
     def save(batch_in_epoch: int) -> None:
         if d.is_main:
+            refresh_domain()
             trainer = {
                 "step": step,
                 "epoch": epoch,
@@ -441,6 +508,7 @@ def _fit(make_task, args, d: Dist, run: Path, argv: list[str] | None) -> dict:
             training["metrics"] = {"epoch": epoch, **(last_metrics or {"loss": record["loss"]})}
             training["wall_time_s"] = round(time.monotonic() - started, 1)
             if improved:
+                refresh_domain()
                 wrapped.save(run / "best", training=training)
             save(0)
         stop = broadcast_flag(early.should_stop, d)

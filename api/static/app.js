@@ -36,6 +36,8 @@ const state = {
   pinned: null, // {kind: "word", index} or {kind: "answer", glimpse}; survives hover
   retry: null, // what to run again once an API key is given
   vqaOff: false, // the server has no VQA model loaded
+  domainCheck: {}, // per task ("caption", "vqa"): the last response for this image
+  domains: null, // a promise of {model name: what it was trained on}, from GET /models
 };
 
 class ApiError extends Error {
@@ -250,6 +252,8 @@ function setImage(blob, reference) {
   state.caption = null;
   state.vqa = null;
   state.pinned = null;
+  state.domainCheck = {};
+  renderDomainNotice();
   if (state.url) URL.revokeObjectURL(state.url);
   state.url = URL.createObjectURL(blob);
   els.photo.alt = reference ? `Sample scene: ${reference.captions[0]}` : `Uploaded image ${blob.name || ""}`.trim();
@@ -316,6 +320,7 @@ async function runCaption() {
     clearError();
     state.caption = result;
     renderCaption(result);
+    checkDomain("caption", result);
   } catch (err) {
     if (generation !== state.generation) return;
     els.captionEmpty.textContent = "No caption.";
@@ -431,6 +436,7 @@ async function runAsk() {
     clearError();
     state.vqa = result;
     renderAnswer(result);
+    checkDomain("vqa", result);
   } catch (err) {
     if (generation !== state.generation) return;
     if (err.status === 401) state.retry = runAsk;
@@ -505,6 +511,76 @@ function renderAnswer(result) {
   els.answerMeta.textContent = `Model ${model}` + (hasMaps ? "" : "; this model has no attention maps");
   els.answer.hidden = false;
   if (hasMaps) pin({ kind: "answer", glimpse: 0 });
+}
+
+// -- the domain check --------------------------------------------------------------------------------
+
+// What each model was trained on, in plain words (its domain statistics' description), fetched
+// once; a failed fetch (e.g. no API key yet) is tried again next time.
+function modelDomains() {
+  if (!state.domains) {
+    state.domains = api("models")
+      .then((body) => {
+        const domains = {};
+        for (const model of (body && body.models) || []) {
+          if (model.domain && model.domain.description) domains[model.name] = model.domain.description;
+        }
+        return domains;
+      })
+      .catch(() => {
+        state.domains = null;
+        return {};
+      });
+  }
+  return state.domains;
+}
+
+function checkDomain(task, result) {
+  state.domainCheck[task] = result;
+  renderDomainNotice();
+}
+
+// One paragraph per training domain: the models that find the image unlike their training images
+// (in_domain false), what those were, and what of the page to doubt.
+async function renderDomainNotice() {
+  const generation = state.generation;
+  // Which responses for this image were checked ("caption vqa"): tests wait on it.
+  els.domainNotice.dataset.checked = Object.keys(state.domainCheck).sort().join(" ");
+  const flagged = Object.entries(state.domainCheck).filter(([, r]) => r && r.in_domain === false);
+  if (flagged.length === 0) {
+    els.domainNotice.hidden = true;
+    els.domainNotice.replaceChildren();
+    return;
+  }
+  const domains = await modelDomains();
+  if (generation !== state.generation) return;
+  const groups = new Map(); // description (or the model's name when unknown) -> its models
+  for (const [task, result] of flagged) {
+    const name = (result.model && result.model.name) || (task === "vqa" ? "the VQA model" : "the captioner");
+    const key = domains[name] || `?${name}`;
+    if (!groups.has(key)) groups.set(key, []);
+    groups.get(key).push({ name, task, score: result.domain_score });
+  }
+  const and = (items) => items.join(" and ");
+  const paragraphs = [...groups.entries()].map(([key, models]) => {
+    const names = and(models.map((m) => m.name));
+    const trained = key.startsWith("?") ? "on images of one narrow kind" : `only on ${key}`;
+    const scores = and(models.map((m) => m.score.toFixed(2)));
+    const doubt = and(models.map((m) => (m.task === "vqa" ? "the answers" : "the caption")));
+    const p = document.createElement("p");
+    const title = document.createElement("strong");
+    title.textContent = "This image is unlike what the model knows. ";
+    p.append(
+      title,
+      `${names} ${models.length > 1 ? "were" : "was"} trained ${trained}. This image looks ` +
+        `unlike them (domain score${models.length > 1 ? "s" : ""} ${scores}), so ${doubt} ` +
+        "may well be wrong.",
+    );
+    p.dataset.models = models.map((m) => m.name).join(" ");
+    return p;
+  });
+  els.domainNotice.replaceChildren(...paragraphs);
+  els.domainNotice.hidden = false;
 }
 
 // -- attention maps over the image ------------------------------------------------------------------
@@ -688,6 +764,7 @@ function init() {
     photo: $("photo"),
     heat: $("heat"),
     heatLabel: $("heat-label"),
+    domainNotice: $("domain-notice"),
     captionPanel: $("caption-panel"),
     beam: $("beam"),
     caption: $("caption"),

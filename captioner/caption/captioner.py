@@ -6,6 +6,7 @@ Used alike by the CLI, the service and the scripts:
     captioner = Captioner.load("models/shapes-captioner")
     [result] = captioner.caption(["photo.jpg"], beam_size=3)
     result.caption, result.tokens, result.token_logprobs, result.attention  # (T, h, w) or None
+    result.domain_score, result.in_domain  # None when the folder has no domain statistics
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from captioner.caption.decoder import DecoderConfig
 from captioner.caption.search import Hypothesis, beam_search, greedy, sample
 from captioner.card import CARD, ModelCard, card_from_training, read_card
 from captioner.checkpoint import ModelDirError, build_checked, load_model_dir, save_model_dir
+from captioner.domain import DomainStats, attach, load_domain
 from captioner.encoder import EncoderConfig
 from captioner.image import ImageInput, as_images, preprocess_batch
 from captioner.results import CaptionResult
@@ -37,6 +39,7 @@ class Captioner:
         training: dict | None = None,
         device: str | torch.device = "cpu",
         card: ModelCard | None = None,
+        domain: DomainStats | None = None,
     ):
         if model.decoder.config.vocab_size != len(vocab):
             raise ValueError(
@@ -49,6 +52,15 @@ class Captioner:
         self.device = torch.device(device)
         self.card = card or card_from_training("captioner", self.training, len(vocab))
         self.card.check_matches("captioner", len(vocab), None)
+        self.domain = domain  # what the training images look like to the encoder, or None
+
+    @property
+    def domain(self) -> DomainStats | None:
+        return self._domain
+
+    @domain.setter
+    def domain(self, stats: DomainStats | None) -> None:
+        self._domain = attach(stats, self.model.encoder.feature_dim, self.device)
 
     # -- files ---------------------------------------------------------------------------------
     @classmethod
@@ -72,6 +84,7 @@ class Captioner:
                 training=side.get("training.json"),
                 device=device,
                 card=_card(path, side, len(vocab)),
+                domain=load_domain(path, side, model.encoder.feature_dim),
             )
         except ModelDirError:
             raise
@@ -96,10 +109,21 @@ class Captioner:
             "vocab.json": self.vocab.to_json(),
             "training.json": training if training is not None else self.training,
             CARD: card.to_dict(),
+            **(self.domain.files() if self.domain is not None else {}),
         }
 
+    def tensor_files(self) -> dict[str, dict[str, torch.Tensor]]:
+        """The `*.safetensors` files of a model folder besides the weights."""
+        return self.domain.tensor_files() if self.domain is not None else {}
+
     def save(self, path: str | Path, training: dict | None = None) -> Path:
-        return save_model_dir(path, self.config(), self.model.state_dict(), self.files(training))
+        return save_model_dir(
+            path,
+            self.config(),
+            self.model.state_dict(),
+            self.files(training),
+            self.tensor_files(),
+        )
 
     def metadata(self) -> dict[str, Any]:
         enc, dec = self.model.encoder.config, self.model.decoder.config
@@ -117,6 +141,7 @@ class Captioner:
             "training_data": self.training.get("data"),
             "metrics": self.training.get("metrics"),
             "card": self.card.to_dict(),
+            "domain": None if self.domain is None else self.domain.summary(),
         }
 
     # -- inference -----------------------------------------------------------------------------
@@ -131,6 +156,14 @@ class Captioner:
     def encode(self, batch: torch.Tensor) -> torch.Tensor:
         """Preprocessed images (B, 3, S, S) -> grid features (B, L, D) on this captioner's device."""
         return self.model.encoder(batch.to(self.device))[0]
+
+    @torch.inference_mode()
+    def domain_scores(self, features: torch.Tensor) -> list[float] | None:
+        """Grid features (B, L, D) from `encode` -> each image's domain score (higher: more unlike
+        the training images), or None without domain statistics."""
+        if self.domain is None:
+            return None
+        return self.domain.scores(features)
 
     def caption(
         self,
@@ -184,9 +217,10 @@ class Captioner:
             hyps = sample(decoder, features, max_length, temperature, top_k, generator=gen)
         else:
             raise ValueError(f"unknown decoding method {method!r}; choose beam, greedy or sample")
-        return [self._result(h) for h in hyps]
+        scores = self.domain_scores(features) or [None] * len(hyps)
+        return [self._result(h, s) for h, s in zip(hyps, scores, strict=True)]
 
-    def _result(self, hyp: Hypothesis) -> CaptionResult:
+    def _result(self, hyp: Hypothesis, domain_score: float | None = None) -> CaptionResult:
         words = [self.vocab.itos[i] for i in hyp.tokens]
         attention = None
         if hyp.attention is not None:
@@ -200,6 +234,8 @@ class Captioner:
             attention=attention,
             model={"name": self.name, "version": self.version},
             finished=hyp.finished,
+            domain_score=domain_score,
+            in_domain=None if domain_score is None else domain_score <= self.domain.threshold,
         )
 
 

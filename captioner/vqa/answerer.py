@@ -9,7 +9,9 @@ Used alike by the CLI, the service and the scripts:
 
 The answerer owns the one feature cache: encoded images and paths are looked up by
 `image_key(their bytes)`, so several questions about one image cost one encoder pass, whether
-they come through `answer` or through the service (`image_memory`).
+they come through `answer` or through the service (`image_memory`). With domain statistics in
+the folder (`captioner.domain`), each image's domain score is computed from the encoder's grid
+when the image is encoded and cached with its memory.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from PIL import Image
 
 from captioner.card import CARD, ModelCard, card_from_training, read_card
 from captioner.checkpoint import ModelDirError, build_checked, load_model_dir, save_model_dir
+from captioner.domain import DomainStats, attach, load_domain
 from captioner.encoder import EncoderConfig
 from captioner.image import (
     DEFAULT_MAX_PIXELS,
@@ -74,6 +77,7 @@ class Answerer:
         device: str | torch.device = "cpu",
         cache_size: int = 256,
         card: ModelCard | None = None,
+        domain: DomainStats | None = None,
     ):
         if model.config.question_vocab_size != len(question_vocab):
             raise ValueError(
@@ -94,6 +98,16 @@ class Answerer:
         sizes = len(question_vocab), len(self.answers)
         self.card = card or card_from_training("vqa", self.training, *sizes)
         self.card.check_matches("vqa", *sizes)
+        self.domain = domain  # what the training images look like to the encoder, or None
+
+    @property
+    def domain(self) -> DomainStats | None:
+        return self._domain
+
+    @domain.setter
+    def domain(self, stats: DomainStats | None) -> None:
+        self._domain = attach(stats, self.model.encoder.feature_dim, self.device)
+        self.cache.clear()  # cached entries hold scores by the previous statistics
 
     # -- files ---------------------------------------------------------------------------------
     @classmethod
@@ -122,6 +136,7 @@ class Answerer:
                 device=device,
                 cache_size=cache_size,
                 card=_card(path, side, len(vocab), len(answers)),
+                domain=load_domain(path, side, model.encoder.feature_dim),
             )
         except ModelDirError:
             raise
@@ -148,10 +163,21 @@ class Answerer:
             QUESTION_VOCAB: self.question_vocab.to_json(),
             "training.json": training if training is not None else self.training,
             CARD: card.to_dict(),
+            **(self.domain.files() if self.domain is not None else {}),
         }
 
+    def tensor_files(self) -> dict[str, dict[str, torch.Tensor]]:
+        """The `*.safetensors` files of a model folder besides the weights."""
+        return self.domain.tensor_files() if self.domain is not None else {}
+
     def save(self, path: str | Path, training: dict | None = None) -> Path:
-        return save_model_dir(path, self.config(), self.model.state_dict(), self.files(training))
+        return save_model_dir(
+            path,
+            self.config(),
+            self.model.state_dict(),
+            self.files(training),
+            self.tensor_files(),
+        )
 
     def metadata(self) -> dict[str, Any]:
         enc, c = self.model.encoder.config, self.model.config
@@ -171,6 +197,7 @@ class Answerer:
             "training_data": self.training.get("data"),
             "metrics": self.training.get("metrics"),
             "card": self.card.to_dict(),
+            "domain": None if self.domain is None else self.domain.summary(),
         }
 
     # -- inference -----------------------------------------------------------------------------
@@ -193,21 +220,35 @@ class Answerer:
         return self.model.prepare(self.model.encoder(batch.to(self.device))[0])
 
     @torch.inference_mode()
+    def encode_scored(self, batch: torch.Tensor) -> tuple[torch.Tensor, list[float] | None]:
+        """As `encode`, with each image's domain score from the same encoder pass (higher: more
+        unlike the training images), or None without domain statistics."""
+        grid = self.model.encoder(batch.to(self.device))[0]  # (B, L, D)
+        scores = None if self.domain is None else self.domain.scores(grid)
+        return self.model.prepare(grid), scores
+
+    @torch.inference_mode()
     def answer_features(
         self,
         features: torch.Tensor,
         questions: Sequence[str],
         top_k: int = 3,
         image_index: Sequence[int] | None = None,
+        domain_scores: Sequence[float | None] | None = None,
     ) -> list[AnswerResult]:
         """Answers about image memory `features` (B, L, M) from `encode`, in question order:
-        question q is about row `image_index[q]` (default: one question per row)."""
+        question q is about row `image_index[q]` (default: one question per row). `domain_scores`
+        (one per row, from `encode_scored`) go into the answers with their verdicts."""
         if image_index is None and len(questions) != len(features):
             raise ValueError(f"got {len(questions)} questions for {len(features)} images")
         if image_index is not None and len(image_index) != len(questions):
             raise ValueError(f"got {len(image_index)} image indices for {len(questions)} questions")
         if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
             raise ValueError(f"top_k must be an int >= 1, got {top_k!r}")
+        if domain_scores is not None and self.domain is None:
+            raise ValueError("domain_scores given, but this model has no domain statistics")
+        if domain_scores is not None and len(domain_scores) != len(features):
+            raise ValueError(f"got {len(domain_scores)} domain scores for {len(features)} images")
         if len(questions) == 0:
             return []
         ids = encode_questions(questions, self.question_vocab).to(self.device)
@@ -220,6 +261,8 @@ class Answerer:
         results, model = [], {"name": self.name, "version": self.version}
         for k in range(len(ids)):
             top = [(self.answers[int(i)], float(p)) for p, i in zip(top_p[k], top_i[k])]
+            row = k if image_index is None else int(image_index[k])
+            score = None if domain_scores is None else domain_scores[row]
             results.append(
                 AnswerResult(
                     question=questions[k],
@@ -230,6 +273,8 @@ class Answerer:
                     model=model,
                     unknown_words=self.question_vocab.unknown_words(questions[k]),
                     known_content_words=self.question_vocab.known_content_words(questions[k]),
+                    domain_score=score,
+                    in_domain=None if score is None else score <= self.domain.threshold,
                 )
             )
         return results
@@ -250,7 +295,8 @@ class Answerer:
             raise ValueError(f"got {len(images)} images for {len(questions)} questions")
         if len(images) == 0:
             return []
-        return self.answer_features(self.features_for(images, max_pixels), questions, top_k)
+        memory, scores = self.features_for(images, max_pixels)
+        return self.answer_features(memory, questions, top_k, domain_scores=scores)
 
     def image_key(self, data: bytes) -> str:
         """The feature cache key of an encoded image: its bytes and this model's name and version."""
@@ -259,11 +305,12 @@ class Answerer:
     @torch.inference_mode()
     def image_memory(
         self, keys: Sequence[str | None], pixels: Callable[[int], torch.Tensor]
-    ) -> torch.Tensor:
-        """Image memory (B, L, M) (see `encode`) for B images given by their cache keys, taking
-        each cached one from the cache and encoding the others, each distinct key once.
-        `pixels(i)` gives image i preprocessed, (3, S, S); a None key is never cached."""
-        found: dict[str | int, torch.Tensor] = {}
+    ) -> tuple[torch.Tensor, list[float | None] | None]:
+        """(image memory (B, L, M) (see `encode`), domain scores (B) or None without domain
+        statistics) for B images given by their cache keys, taking each cached one from the cache
+        and encoding the others, each distinct key once. `pixels(i)` gives image i preprocessed,
+        (3, S, S); a None key is never cached."""
+        found: dict[str | int, tuple[torch.Tensor, float | None]] = {}
         todo: dict[str | int, torch.Tensor] = {}  # key, or position for an uncached image
         for i, key in enumerate(keys):
             slot = i if key is None else key
@@ -275,18 +322,23 @@ class Answerer:
             else:
                 todo[slot] = pixels(i)
         if todo:
-            encoded = self.encode(torch.stack(list(todo.values())))
-            for slot, memory in zip(todo, encoded, strict=True):
-                found[slot] = memory.clone()  # a copy, so the cache does not pin the whole batch
+            encoded, scores = self.encode_scored(torch.stack(list(todo.values())))
+            scores = scores or [None] * len(todo)
+            for slot, memory, score in zip(todo, encoded, scores, strict=True):
+                # A copy, so the cache does not pin the whole batch; the score travels with it.
+                found[slot] = (memory.clone(), score)
                 if not isinstance(slot, int):
                     self.cache.put(slot, found[slot])
-        return torch.stack([found[i if key is None else key] for i, key in enumerate(keys)])
+        rows = [found[i if key is None else key] for i, key in enumerate(keys)]
+        memory = torch.stack([m for m, _ in rows])
+        return memory, None if self.domain is None else [s for _, s in rows]
 
     def features_for(
         self, images: Sequence[ImageInput], max_pixels: int = DEFAULT_MAX_PIXELS
-    ) -> torch.Tensor:
-        """Image memory (B, L, M) for PIL images, encoded bytes or paths: bytes and paths through
-        the cache (decoded only when not cached), PIL images encoded each time."""
+    ) -> tuple[torch.Tensor, list[float | None] | None]:
+        """(image memory (B, L, M), domain scores) as `image_memory` gives them, for PIL images,
+        encoded bytes or paths: bytes and paths through the cache (decoded only when not cached),
+        PIL images encoded each time."""
         keys: list[str | None] = []
         sources: list[Image.Image | bytes] = []
         for image in images:

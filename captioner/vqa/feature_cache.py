@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import threading
 from collections import OrderedDict
+from typing import Any
 
 import torch
 
@@ -35,7 +36,9 @@ def key_for(image_bytes: bytes, model_name: str, model_version: str = "") -> str
 
 
 class FeatureCache:
-    """Least-recently-used map from keys to feature tensors, holding at most `max_items`.
+    """Least-recently-used map from keys to feature tensors, holding at most `max_items`. A value
+    may also be a tuple holding the tensor and what was computed with it (the answerer keeps each
+    image's domain score with its features).
 
     `max_items=0` disables caching (every `get` misses, `put` stores nothing). All methods are
     safe to call from several threads; `hits` and `misses` count `get` outcomes.
@@ -45,12 +48,12 @@ class FeatureCache:
         if isinstance(max_items, bool) or not isinstance(max_items, int) or max_items < 0:
             raise ValueError(f"max_items must be an int >= 0, got {max_items!r}")
         self.max_items = max_items
-        self._items: OrderedDict[str, torch.Tensor] = OrderedDict()
+        self._items: OrderedDict[str, Any] = OrderedDict()
         self._lock = threading.Lock()
         self.hits = 0
         self.misses = 0
 
-    def get(self, key: str) -> torch.Tensor | None:
+    def get(self, key: str) -> Any:
         with self._lock:
             features = self._items.get(key)
             if features is None:
@@ -60,10 +63,13 @@ class FeatureCache:
             self.hits += 1
             return features
 
-    def put(self, key: str, features: torch.Tensor) -> None:
+    def put(self, key: str, features: Any) -> None:
         if self.max_items == 0:
             return
-        features = features.detach()
+        if isinstance(features, tuple):
+            features = tuple(f.detach() if isinstance(f, torch.Tensor) else f for f in features)
+        else:
+            features = features.detach()
         with self._lock:
             self._items[key] = features
             self._items.move_to_end(key)
