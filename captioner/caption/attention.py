@@ -25,13 +25,23 @@ class SoftAttention(nn.Module):
     def forward(
         self, features: torch.Tensor, projected: torch.Tensor, hidden: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        # features (B, L, D), projected (B, L, A), hidden (B, H)
-        energy = self.score(
-            torch.tanh(projected + self.hidden_proj(hidden).unsqueeze(1))
-        )  # (B, L, 1)
-        alpha = torch.softmax(energy.squeeze(2), dim=1)  # (B, L)
-        context = torch.bmm(alpha.unsqueeze(1), features).squeeze(1)  # (B, D)
-        return context, alpha
+        """features (B, L, D), projected (B, L, A), hidden (B*k, H) -> context (B*k, D), alpha (B*k, L).
+
+        Rows b*k .. b*k+k-1 of `hidden` (k beams of a beam search; k = 1 elsewhere) all attend
+        over image b: its grid is read once per image, by a batched matmul over the images with
+        the beams as rows, never copied per beam.
+        """
+        B, L, A = projected.shape
+        if hidden.dim() != 2 or B == 0 or hidden.shape[0] % B:
+            raise ValueError(
+                f"hidden must be (B*k, H) rows for {B} images, got {tuple(hidden.shape)}"
+            )
+        k = hidden.shape[0] // B
+        query = self.hidden_proj(hidden).view(B, k, 1, A)
+        energy = self.score(torch.tanh(projected.unsqueeze(1) + query))  # (B, k, L, 1)
+        alpha = torch.softmax(energy.squeeze(3), dim=2)  # (B, k, L)
+        context = torch.bmm(alpha, features)  # (B, k, D)
+        return context.view(B * k, -1), alpha.view(B * k, L)
 
 
 def doubly_stochastic_penalty(alphas: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
