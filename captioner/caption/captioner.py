@@ -22,6 +22,7 @@ from captioner.caption.search import Hypothesis, beam_search, greedy, sample
 from captioner.checkpoint import ModelDirError, build_checked, load_model_dir, save_model_dir
 from captioner.encoder import EncoderConfig
 from captioner.image import ImageInput, as_images, preprocess_batch
+from captioner.quantize import check_quantize, quantize_model
 from captioner.results import CaptionResult
 from captioner.vocab import Vocabulary
 
@@ -45,10 +46,16 @@ class Captioner:
         self.name, self.version = name, version
         self.training = training or {}
         self.device = torch.device(device)
+        self.quantize: str | None = None  # "int8" when `load` quantized the model
 
     # -- files ---------------------------------------------------------------------------------
     @classmethod
-    def load(cls, path: str | Path, device: str | torch.device = "cpu") -> Captioner:
+    def load(
+        cls, path: str | Path, device: str | torch.device = "cpu", quantize: str | None = None
+    ) -> Captioner:
+        """The captioner in model folder `path`; `quantize="int8"` (CPU only) stores the decoder's
+        LSTM and linear layers as int8 (`captioner.quantize`); such a captioner cannot be saved."""
+        check_quantize(quantize, device)
         config, weights, side = load_model_dir(path, "captioner", required=("vocab.json",))
         try:
             encoder_config = EncoderConfig(**config["encoder"])
@@ -60,14 +67,16 @@ class Captioner:
                 weights,
                 path,
             )
-            return cls(
-                model,
+            captioner = cls(
+                quantize_model(model.eval(), quantize),
                 vocab,
                 name=str(config.get("name", Path(path).name)),
                 version=str(config.get("version", "0")),
                 training=side.get("training.json"),
                 device=device,
             )
+            captioner.quantize = quantize
+            return captioner
         except ModelDirError:
             raise
         except (KeyError, TypeError, ValueError) as exc:
@@ -92,6 +101,11 @@ class Captioner:
         }
 
     def save(self, path: str | Path, training: dict | None = None) -> Path:
+        if self.quantize is not None:
+            raise ValueError(
+                f"a captioner loaded with quantize={self.quantize!r} cannot be saved: model "
+                "folders hold float weights (save the captioner loaded without quantize)"
+            )
         return save_model_dir(path, self.config(), self.model.state_dict(), self.files(training))
 
     def metadata(self) -> dict[str, Any]:

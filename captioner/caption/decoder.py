@@ -161,7 +161,7 @@ class CaptionDecoder(nn.Module):
         """
         hs, cs = state
         top = hs[-1]
-        B, R = len(memory), prev_tokens.shape[0]
+        B, R = memory.features.shape[0], prev_tokens.shape[0]
         if B == 0 or R % B or top.shape[0] != R:
             raise ValueError(
                 f"expected k rows of state and tokens per image ({B} images), got "

@@ -158,7 +158,7 @@ def beam_search(
     prev = torch.full((B * width,), START, dtype=torch.long, device=device)
     tokens = torch.empty(B * width, 0, dtype=torch.long, device=device)
     logps = torch.empty(B * width, 0, device=device)
-    alphas = torch.empty(B * width, 0, L, device=device) if decoder.attend is not None else None
+    alphas = torch.empty(B * width, 0, L, device=device) if decoder.config.attention else None
     active = list(range(B))  # the image in each slot of the memory (its first len(active))
     finished: list[list[Hypothesis]] = [[] for _ in range(B)]
     bound = length_penalty_factor(max_length, length_penalty)
