@@ -35,8 +35,10 @@ def _check(features: torch.Tensor, max_length: int) -> None:
 
 
 def _log_probs(logits: torch.Tensor) -> torch.Tensor:
-    """Log-probabilities over the words a caption may contain: `<pad>` and `<start>` never are."""
-    logits = logits.float().clone()
+    """Log-probabilities over the words a caption may contain: `<pad>` and `<start>` never are.
+
+    Overwrites those two columns of `logits` (a step's output, read nowhere else)."""
+    logits = logits.float()
     logits[:, [Vocabulary.pad_id, START]] = float("-inf")
     return F.log_softmax(logits, dim=1)
 
