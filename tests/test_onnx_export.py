@@ -142,3 +142,10 @@ def test_a_quantized_captioner_is_not_exported(tmp_path):
     with pytest.raises(ValueError, match="float"):
         export_captioner(Captioner.load(DEFAULT_CAPTION_MODEL, quantize="int8"), tmp_path / "x")
     assert not (tmp_path / "x").exists()
+
+
+def test_export_of_a_missing_model_folder_is_a_clear_error(tmp_path, capsys):
+    argv = ["export", "--onnx", str(tmp_path / "out"), "--caption-model", str(tmp_path / "none")]
+    assert cli_main([*argv, "--vqa-model", ""]) == 2
+    assert "model folder not found" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
