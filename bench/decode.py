@@ -274,7 +274,7 @@ def bench_beam(args, decoder, features, device, beam: int, batches: tuple[int, .
     return {"speedup": speedup, "identical": identical}
 
 
-def bench_step(decoder, features, device) -> dict:
+def bench_step(decoder, features, device, compile: bool = True) -> dict:
     """One step of beam 3 over the images, part by part (ms), and the attention energy in one
     piece against in chunks (`attention.ENERGY_CHUNK`)."""
     B, k, A = features.shape[0], 3, decoder.config.attention_dim
@@ -287,8 +287,8 @@ def bench_step(decoder, features, device) -> dict:
         tokens = torch.randint(4, decoder.config.vocab_size, (R,))
         query = att.hidden_proj(h).view(B, k, 1, A)
         pre = memory.projected.unsqueeze(1) + query
-        energy = att.score(torch.tanh(pre)).squeeze(3)
-        alpha = torch.softmax(energy, dim=2)
+        energy_ref = att.score(torch.tanh(pre)).squeeze(3)
+        alpha = torch.softmax(energy_ref, dim=2)
         context = torch.bmm(alpha, memory.features).view(R, -1)
         emb = decoder.embedding(tokens)
         x = torch.cat([emb, context], dim=1)
@@ -314,16 +314,39 @@ def bench_step(decoder, features, device) -> dict:
         finally:
             attention.ENERGY_CHUNK = saved
         chunked = ms(lambda: att(memory.features, memory.projected, h))
+        fused = None
+        if compile:  # one inductor loop: add, tanh and the score's dot product fused, no temporary
+            weight, bias = att.score.weight.view(-1), att.score.bias
+
+            def energy(projected, query):
+                return torch.tanh(projected.unsqueeze(1) + query) @ weight + bias  # (B, k, L)
+
+            compiled = torch.compile(energy, dynamic=False)
+            started = time.perf_counter()
+            compiled(memory.projected, query)
+            compile_s = time.perf_counter() - started
+            eager_energy = ms(lambda: att.score(pre.tanh()).squeeze(3))
+            fused = ms(lambda: compiled(memory.projected, query))
+            torch.testing.assert_close(
+                compiled(memory.projected, query), energy_ref, atol=1e-4, rtol=1e-4
+            )
     print(f"one step, beam 3 over {B} images ({R} rows): {step:.1f} ms")
     for name, t in times.items():
         print(f"  {name:>28}: {t:6.2f} ms")
     print(f"  attention in one piece {whole:.1f} ms, in 1 MB chunks {chunked:.1f} ms")
-    return {
+    out = {
         "step_ms": step,
         "step_parts": {k: round(v, 2) for k, v in times.items()},
         "energy_unchunked_ms": whole,
         "energy_chunked_ms": chunked,
     }
+    if fused is not None:
+        print(
+            f"  energy alone (tanh and score of the (B, k, L, A) sums): eager {eager_energy:.1f} "
+            f"ms, torch.compile fused {fused:.1f} ms (compiled in {compile_s:.0f} s)"
+        )
+        out.update(energy_eager_ms=eager_energy, energy_compiled_ms=fused)
+    return out
 
 
 def _side_by_side(fns: dict, device, repeat: int) -> dict[str, float]:
@@ -469,7 +492,7 @@ def main() -> None:
         beam_identical_14x14_b5=b5["identical"],
     )
     if device.type == "cpu":
-        result.update(bench_step(decoder, features, device))
+        result.update(bench_step(decoder, features, device, compile=not args.no_compile))
     if not args.skip_int8 and device.type == "cpu":
         result.update(bench_int8_demo(args, device))
         result.update(bench_int8_resnet_sized(args, decoder, features, device))
