@@ -42,13 +42,18 @@ logger = logging.getLogger("captioner.api")
 def _load_captioner(path: Path, settings: Settings) -> Any:
     from captioner.caption.captioner import Captioner
 
-    return Captioner.load(path, device=settings.device)
+    return Captioner.load(path, device=settings.device, quantize=settings.quantize)
 
 
 def _load_vqa(path: Path, settings: Settings) -> Any:
     from captioner.vqa.answerer import Answerer
 
-    return Answerer.load(path, device=settings.device, cache_size=settings.feature_cache_items)
+    return Answerer.load(
+        path,
+        device=settings.device,
+        cache_size=settings.feature_cache_items,
+        quantize=settings.quantize,
+    )
 
 
 def _models(settings: Settings) -> dict[str, tuple[Path | None, Callable, type]]:

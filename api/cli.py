@@ -38,6 +38,7 @@ def get_args_parser() -> argparse.ArgumentParser:
         "(heatmaps over the image) or none (the default)",
     )
     cap.add_argument("--device", default="cpu", help="cpu or cuda")
+    cap.add_argument("--quantize", choices=["int8"], help="int8 LSTM and linear layers (CPU)")
 
     ask = sub.add_parser("ask", help="answer a question about an image; prints JSON")
     ask.add_argument("image", help="image file")
@@ -51,6 +52,12 @@ def get_args_parser() -> argparse.ArgumentParser:
         help="each glimpse's attention map: grid (default), png (heatmaps over the image) or none",
     )
     ask.add_argument("--device", default="cpu", help="cpu or cuda")
+    ask.add_argument("--quantize", choices=["int8"], help="int8 LSTM and linear layers (CPU)")
+
+    export = sub.add_parser("export", help="write the models as ONNX graphs for CPU deployment")
+    export.add_argument("--onnx", required=True, metavar="DIR", help="writes DIR/<model folder>/")
+    export.add_argument("--caption-model", default=str(DEFAULT_CAPTION_MODEL), help="'' skips it")
+    export.add_argument("--vqa-model", default=str(DEFAULT_VQA_MODEL), help="'' skips it")
 
     serve = sub.add_parser("serve", help="start the HTTP service (uvicorn)")
     serve.add_argument("--host", default="127.0.0.1")
@@ -68,7 +75,7 @@ def caption_main(args: argparse.Namespace) -> int:
 
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
-    captioner = Captioner.load(args.model, device=args.device)
+    captioner = Captioner.load(args.model, device=args.device, quantize=args.quantize)
     failed = 0
     for start in range(0, len(args.images), args.batch_size):
         paths, images = [], []
@@ -89,10 +96,23 @@ def ask_main(args: argparse.Namespace) -> int:
     from captioner.image import load_image
     from captioner.vqa.answerer import Answerer
 
-    answerer = Answerer.load(args.model, device=args.device)
+    answerer = Answerer.load(args.model, device=args.device, quantize=args.quantize)
     image = load_image(args.image)
     [result] = answerer.answer([image], [args.question.strip()], top_k=args.top_k)
     print(json.dumps({"image": args.image, **result.to_dict(args.attention, image)}))
+    return 0
+
+
+def export_main(args: argparse.Namespace) -> int:
+    from captioner.onnx_export import export_models
+
+    try:
+        folders = export_models(args.onnx, args.caption_model or None, args.vqa_model or None)
+    except ImportError as exc:  # the exporter's packages are an extra: captioner[onnx]
+        print(f"captioner: error: {exc}; pip install 'captioner[onnx]'", file=sys.stderr)
+        return 2
+    for folder in folders:
+        print(json.dumps({"onnx": str(folder), "manifest": str(folder / "manifest.json")}))
     return 0
 
 
@@ -107,7 +127,12 @@ def serve_main(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = get_args_parser().parse_args(argv)
-    run = {"caption": caption_main, "ask": ask_main, "serve": serve_main}[args.command]
+    run = {
+        "caption": caption_main,
+        "ask": ask_main,
+        "export": export_main,
+        "serve": serve_main,
+    }[args.command]
     try:
         return run(args)
     except ValueError as exc:  # library errors name the bad value; no traceback for bad input

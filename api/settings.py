@@ -13,7 +13,7 @@ import json
 import re
 from functools import lru_cache
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -32,6 +32,7 @@ class Settings(BaseSettings):
     caption_model: Path | None = DEFAULT_CAPTION_MODEL
     vqa_model: Path | None = DEFAULT_VQA_MODEL
     device: str = "cpu"
+    quantize: Literal["int8"] | None = None  # int8 LSTM and linear layers (CPU); "" is None
 
     # When set, every model endpoint needs `Authorization: Bearer <key>` or `X-API-Key: <key>`.
     api_key: SecretStr | None = None
@@ -72,6 +73,11 @@ class Settings(BaseSettings):
         if value is None or (isinstance(value, str) and value.strip() == ""):
             return None
         return Path(value).expanduser()
+
+    @field_validator("quantize", mode="before")
+    @classmethod
+    def _empty_is_none(cls, value: Any) -> Any:
+        return None if isinstance(value, str) and value.strip() == "" else value
 
     @field_validator("api_key", mode="before")
     @classmethod
@@ -114,6 +120,8 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _consistent(self) -> Settings:
+        if self.quantize is not None and self.device != "cpu":
+            raise ValueError(f"quantize={self.quantize!r} runs on the CPU only, not {self.device}")
         if self.max_queue < self.max_batch_images:
             raise ValueError(
                 f"max_queue ({self.max_queue}) must be >= max_batch_images "

@@ -1,14 +1,29 @@
-"""Encoder speed against its FLOP floor, and batched beam search against a per-image loop.
+"""Decoding near its limit: encoder and beam search against the FLOP floor, batched against one
+image at a time, where a decoding step's time goes, and int8 / bf16 on the CPU.
 
-Config (issue "captioning core"): ResNet-50 grid 7x7 at 224 px, LSTM 512 with attention, vocabulary
-10k, beam 3, at most 20 words. Weights are random (FLOPs do not depend on them); the decoder's
-output bias is set so that `<end>` wins after a varying number of words, as in a trained model.
+    python bench/decode.py [--device cpu|cuda] [--images 32] [--shapes-test DATA/test]
 
-    python bench/decode.py [--device cpu|cuda] [--encoder-batch 8] [--images 32]
+Configs (issue 18):
+- encoder: ResNet-50 at 224 px (7x7 grid), batch --encoder-batch; random weights.
+- "ResNet-sized" decoder: 2048-d features on a 14x14 grid (196 cells), LSTM 512, embedding and
+  attention 512, vocabulary 10k, at most 20 words; random weights made length-controlled: one LSTM
+  unit counts the steps (its gates are pinned open, its cell adds 0.1 a step from an image-dependent
+  start) and feeds the `<end>` logit, so captions end after 4 to 17 words, 10-11 on average (COCO's
+  are about 10.5; the lengths are printed).
+- the demo captioner (`models/shapes-captioner`) on the shapes test split for int8.
 
-The floor ratio is the best of --rounds rounds that time the encoder and the matmul peak back to
-back (the median is printed beside it). Last line: {"encoder_ms", "encoder_floor_ratio",
-"encoder_floor_ratio_median", "beam_speedup": {"1", "8", "32"}, "captions_identical"}.
+The floor is the decode's (or encoder's) counted FLOPs over the best FLOP rate measured in the
+same run, side by side with it: the better of large square fp32 matmuls and a 3x3 convolution in
+channels-last (oneDNN), whichever this CPU runs faster (printed as `floor_source`). A ratio of 2
+means twice the floor's time.
+
+Last line (JSON): encoder_ms, encoder_floor_ratio(_median), floor_gflops_per_s, floor_source,
+decode_floor_ratio (batched beam 3, batch 32, 14x14), decode_ms_per_image, decode_mean_words,
+beam_speedup {"8", "32"} (beam 3, 14x14), captions_identical, beam_speedup_14x14_b5,
+beam_identical_14x14_b5, step_ms and step_parts (one step of beam 3 over 32 images),
+energy_chunked_ms / energy_unchunked_ms, int8_speedup and int8_identical (demo captioner),
+int8_speedup_resnet_sized, int8_identical_resnet_sized, and bf16 likewise where the CPU has
+avx512_bf16.
 """
 
 from __future__ import annotations
@@ -17,17 +32,27 @@ import argparse
 import contextlib
 import copy
 import json
+import math
 import time
+from pathlib import Path
 
 import torch
 import torch.fx.experimental.optimization as fx_opt
+import torch.nn.functional as F
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from captioner.caption.caption_net import CaptionNet
+from captioner.caption import attention
+from captioner.caption.captioner import Captioner
+from captioner.caption.decoder import CaptionDecoder, DecoderConfig
 from captioner.caption.search import beam_search
 from captioner.encoder import Encoder, EncoderConfig
+from captioner.image import load_image
+from captioner.paths import DEFAULT_CAPTION_MODEL
+from captioner.quantize import quantize_model
 from captioner.vocab import Vocabulary
+
+END = Vocabulary.end_id
 
 
 def inference_encoder(encoder: Encoder, compile: bool = False) -> nn.Module:
@@ -69,15 +94,25 @@ def best_time(fn, device: torch.device, repeat: int, warmup: int = 2) -> float:
     return min(times)
 
 
-def matmul_flops_per_s(device: torch.device, dtype: torch.dtype) -> float:
-    """The best FLOP/s of square matmuls of a few sizes: the machine's practical peak."""
-    best = 0.0
-    for n in (1024, 2048, 4096) if device.type == "cpu" else (4096, 8192):
-        a = torch.randn(n, n, device=device, dtype=dtype)
-        b = torch.randn(n, n, device=device, dtype=dtype)
-        t = best_time(lambda a=a, b=b: a @ b, device, repeat=10 if n < 4096 else 3)
-        best = max(best, 2 * n**3 / t)
-    return best
+def peak_flops_per_s(device: torch.device, dtype: torch.dtype) -> tuple[float, str]:
+    """The best FLOP/s this machine shows now: square matmuls (MKL on CPUs) and a 3x3
+    convolution in channels-last (oneDNN); on AMD CPUs MKL takes its AVX2 path while oneDNN uses
+    AVX-512, so the matmul alone can sit below what the encoder already reaches."""
+    rates = {}
+    with torch.inference_mode():
+        for n in (2048, 4096) if device.type == "cpu" else (4096, 8192):
+            a = torch.randn(n, n, device=device, dtype=dtype)
+            b = torch.randn(n, n, device=device, dtype=dtype)
+            t = best_time(lambda a=a, b=b: a @ b, device, repeat=3, warmup=1)
+            rates["matmul"] = max(rates.get("matmul", 0.0), 2 * n**3 / t)
+        conv = nn.Conv2d(256, 256, 3, padding=1, bias=False).to(device, dtype)
+        conv = conv.to(memory_format=torch.channels_last)
+        x = torch.randn(8, 256, 56, 56, device=device, dtype=dtype)
+        x = x.contiguous(memory_format=torch.channels_last)
+        t = best_time(lambda: conv(x), device, repeat=5, warmup=2)
+        rates["conv3x3"] = 2 * 8 * 256 * 56 * 56 * 256 * 9 / t
+    source = max(rates, key=rates.get)
+    return rates[source], source
 
 
 def bench_encoder(args, device: torch.device, dtype: torch.dtype) -> dict:
@@ -106,19 +141,19 @@ def bench_encoder(args, device: torch.device, dtype: torch.dtype) -> dict:
             )
             times[name] = best_time(lambda fn=fn, inp=inp: fn(inp), device, repeat=args.repeat)
         # The floor is measured side by side with the encoder: rounds alternate the fastest
-        # variant and the matmul peak, so a burst of other load hits both halves of one ratio.
+        # variant and the peak, so a burst of other load hits both halves of one ratio.
         best = min(times, key=times.get)
         fn, inp = variants[best]
         rounds = []
         for _ in range(args.rounds):
             t = best_time(lambda fn=fn, inp=inp: fn(inp), device, repeat=args.repeat, warmup=1)
-            rounds.append((t, matmul_flops_per_s(device, dtype)))
-    ratios = sorted(t * peak / flops for t, peak in rounds)
-    t_best, peak = min(rounds, key=lambda r: r[0] * r[1])
-    floor = flops / peak
+            rounds.append((t, *peak_flops_per_s(device, dtype)))
+    ratios = sorted(t * peak / flops for t, peak, _ in rounds)
+    t_best, peak, source = min(rounds, key=lambda r: r[0] * r[1])
     for name, t in times.items():
         print(
-            f"encoder {name:>8}: {1000 * t / args.encoder_batch:7.1f} ms/image, {t / floor:.2f}x the FLOP floor"
+            f"encoder {name:>8}: {1000 * t / args.encoder_batch:7.1f} ms/image, "
+            f"{t * peak / flops:.2f}x the FLOP floor"
         )
     print(
         f"encoder {best} vs floor over {args.rounds} side-by-side rounds: "
@@ -130,55 +165,280 @@ def bench_encoder(args, device: torch.device, dtype: torch.dtype) -> dict:
         "encoder_floor_ratio_median": ratios[len(ratios) // 2],
         "encoder_variant": best,
         "encoder_gflops_per_image": flops / args.encoder_batch / 1e9,
-        "matmul_gflops_per_s": peak / 1e9,
+        "floor_gflops_per_s": peak / 1e9,
+        "floor_source": source,
     }
 
 
-def bench_beam(args, device: torch.device) -> dict:
+def length_controlled(decoder: CaptionDecoder, threshold: float = 0.65) -> CaptionDecoder:
+    """Random weights that end captions after a COCO-like number of words (module docstring).
+
+    LSTM unit 0 counts: its input, forget and output gates are pinned open and its cell input is
+    tanh^-1(0.1), so its cell grows by 0.1 a step from tanh(init_c(pooled image)), an image-
+    dependent start; out_h routes it to the `<end>` logit, which wins once it passes `threshold`.
+    """
+    H, unit, scale, gain = decoder.config.hidden_dim, 0, 30.0, 60.0
+    with torch.no_grad():
+        cell = decoder.cells[0]
+        for gate, bias in enumerate((10.0, 10.0, math.atanh(0.1), 10.0)):  # i, f, g, o
+            row = gate * H + unit
+            cell.weight_ih[row].zero_()
+            cell.weight_hh[row].zero_()
+            cell.bias_ih[row], cell.bias_hh[row] = bias, 0.0
+        decoder.init_h.weight[unit].zero_()
+        decoder.init_h.bias[unit] = 0.0
+        decoder.init_c.weight[unit].normal_(0.0, 0.1)
+        decoder.init_c.bias[unit] = 0.0
+        decoder.out.weight.mul_(scale)  # random weights give flat words: sharpen them
+        end = decoder.out.weight[END]
+        decoder.out_h.weight[:, unit] = gain * end / end.dot(end)
+        decoder.out.bias.zero_()
+        decoder.out.bias[END] = -gain * threshold
+    return decoder
+
+
+def resnet_sized_decoder(grid: int) -> CaptionDecoder:
     torch.manual_seed(0)
-    vocab_size = 10_000
-    model = CaptionNet.build(
-        EncoderConfig(name="resnet50", input_size=224, grid_size=7),
-        vocab_size=vocab_size,
+    config = DecoderConfig(
+        vocab_size=10_000,
+        feature_dim=2048,
+        grid_cells=grid * grid,
         embed_dim=512,
         hidden_dim=512,
         attention_dim=512,
         dropout=0.0,
-    ).eval()
-    with torch.no_grad():
-        # Random weights give flat word distributions, so <end> would win at once. Sharpen them and
-        # give <end> a bias so that, as with a trained model, captions end after varying lengths.
-        model.decoder.out.weight.mul_(300.0)
-        model.decoder.out.bias[Vocabulary.end_id] = 20.0
-    decoder = model.decoder.to(device)
-    features = torch.randn(args.images, 49, 2048, device=device)
-
-    def loop(feats):
-        return [beam_search(decoder, feats[i : i + 1], 3, 20)[0][0] for i in range(feats.shape[0])]
-
-    reference = loop(features)
-    per_image_s = (
-        best_time(lambda: loop(features), device, repeat=args.repeat, warmup=1) / args.images
     )
+    return length_controlled(CaptionDecoder(config).eval())
+
+
+def _tokens(hyps) -> list[list[int]]:
+    return [h[0].tokens for h in hyps]
+
+
+def bench_decode_floor(args, decoder, features, device) -> dict:
+    """Batched beam 3 over the images against the FLOP floor, rounds side by side."""
+    search = lambda: beam_search(decoder, features, 3, 20)  # noqa: E731
+    search()  # warm up outside the counter: the counted run is slow, and so are those after it
+    with FlopCounterMode(display=False) as counter:
+        hyps = search()
+    flops = counter.get_total_flops()
+    words = [len(h[0].tokens) for h in hyps]
+    rounds = []
+    for _ in range(args.rounds):
+        t = best_time(search, device, repeat=args.repeat, warmup=1)
+        rounds.append((t, *peak_flops_per_s(device, torch.float32)))
+    ratios = sorted(t * peak / flops for t, peak, _ in rounds)
+    t_best = min(t for t, _, _ in rounds)
+    print(
+        f"decode beam 3, {len(features)} images at 14x14: {1000 * t_best / len(features):.1f} "
+        f"ms/image, {flops / 1e9:.1f} GFLOP, caption words {min(words)}..{max(words)} "
+        f"(mean {sum(words) / len(words):.1f}); vs floor over {args.rounds} rounds: "
+        + ", ".join(f"{r:.2f}x" for r in ratios)
+    )
+    return {
+        "decode_floor_ratio": ratios[0],
+        "decode_floor_ratio_median": ratios[len(ratios) // 2],
+        "decode_ms_per_image": 1000 * t_best / len(features),
+        "decode_mean_words": sum(words) / len(words),
+    }
+
+
+def bench_beam(args, decoder, features, device, beam: int, batches: tuple[int, ...]) -> dict:
+    """Batched beam search against one image at a time, with identical captions."""
+
+    def loop():
+        return [
+            beam_search(decoder, features[i : i + 1], beam, 20)[0] for i in range(len(features))
+        ]
+
+    # The loop is the slow side: its first run is both the reference and a timing.
+    started = time.perf_counter()
+    reference = _tokens(loop())
+    loop_s = time.perf_counter() - started
+    if args.repeat > 1:
+        loop_s = min(loop_s, best_time(loop, device, repeat=args.repeat - 1, warmup=0))
     speedup, identical = {}, True
-    lengths = [len(h.tokens) for h in reference]
-    for batch in (1, 8, 32):
-        chunks = [features[i : i + batch] for i in range(0, args.images, batch)]
+    for batch in batches:
+        chunks = [features[i : i + batch] for i in range(0, len(features), batch)]
 
         def batched(chunks=chunks):
-            return [h[0] for c in chunks for h in beam_search(decoder, c, 3, 20)]
+            return [h for c in chunks for h in beam_search(decoder, c, beam, 20)]
 
-        got = batched()
-        identical &= [h.tokens for h in got] == [h.tokens for h in reference]
-        seconds = best_time(batched, device, repeat=args.repeat, warmup=1)
-        speedup[str(batch)] = per_image_s * args.images / seconds
+        identical &= _tokens(batched()) == reference
+        seconds = best_time(batched, device, repeat=args.repeat, warmup=0)
+        speedup[str(batch)] = loop_s / seconds
         print(
-            f"beam batch {batch:>2}: {args.images / seconds:8.1f} images/s  ({speedup[str(batch)]:.2f}x the loop)"
+            f"beam {beam} batch {batch:>2}: {len(features) / seconds:7.1f} images/s "
+            f"({speedup[str(batch)]:.2f}x one image at a time, {len(features) / loop_s:.1f}/s)"
         )
+    return {"speedup": speedup, "identical": identical}
+
+
+def bench_step(decoder, features, device, compile: bool = True) -> dict:
+    """One step of beam 3 over the images, part by part (ms), and the attention energy in one
+    piece against in chunks (`attention.ENERGY_CHUNK`)."""
+    B, k, A = features.shape[0], 3, decoder.config.attention_dim
+    R, att, cell = B * k, decoder.attend, decoder.cells[0]
+    ms = lambda fn: 1000 * best_time(fn, device, repeat=10, warmup=2)  # noqa: E731
+    torch.manual_seed(1)
+    with torch.inference_mode():
+        memory = decoder.memory(features)
+        h, c = torch.randn(R, 512), torch.randn(R, 512)
+        tokens = torch.randint(4, decoder.config.vocab_size, (R,))
+        query = att.hidden_proj(h).view(B, k, 1, A)
+        pre = memory.projected.unsqueeze(1) + query
+        energy_ref = att.score(torch.tanh(pre)).squeeze(3)
+        alpha = torch.softmax(energy_ref, dim=2)
+        context = torch.bmm(alpha, memory.features).view(R, -1)
+        emb = decoder.embedding(tokens)
+        x = torch.cat([emb, context], dim=1)
+        deep = emb + decoder.out_h(h) + decoder.out_z(context)
+        logits = decoder.out(deep)
+        parts = {
+            "attention (energy, softmax)": lambda: att(memory.features, memory.projected, h),
+            "context bmm": lambda: torch.bmm(alpha, memory.features),
+            "gate": lambda: torch.sigmoid(decoder.gate(h)) * context,
+            "lstm cell": lambda: cell(x, (h, c)),
+            "out_h + out_z": lambda: emb + decoder.out_h(h) + decoder.out_z(context),
+            "output 10k": lambda: decoder.out(deep),
+            "log_softmax": lambda: F.log_softmax(logits, dim=1),
+            "top-2k of k*V": lambda: logits.view(B, -1).topk(2 * k, dim=1),
+        }
+        times = {name: ms(fn) for name, fn in parts.items()}
+        times["attention (energy, softmax)"] -= times["context bmm"]  # att() includes the bmm
+        step = ms(lambda: decoder.step(memory, ([h], [c]), tokens))
+        saved = attention.ENERGY_CHUNK
+        try:
+            attention.ENERGY_CHUNK = 1 << 62  # one piece
+            whole = ms(lambda: att(memory.features, memory.projected, h))
+        finally:
+            attention.ENERGY_CHUNK = saved
+        chunked = ms(lambda: att(memory.features, memory.projected, h))
+        fused = None
+        if compile:  # one inductor loop: add, tanh and the score's dot product fused, no temporary
+            weight, bias = att.score.weight.view(-1), att.score.bias
+
+            def energy(projected, query):
+                return torch.tanh(projected.unsqueeze(1) + query) @ weight + bias  # (B, k, L)
+
+            compiled = torch.compile(energy, dynamic=False)
+            started = time.perf_counter()
+            compiled(memory.projected, query)
+            compile_s = time.perf_counter() - started
+            eager_energy = ms(lambda: att.score(pre.tanh()).squeeze(3))
+            fused = ms(lambda: compiled(memory.projected, query))
+            torch.testing.assert_close(
+                compiled(memory.projected, query), energy_ref, atol=1e-4, rtol=1e-4
+            )
+    print(f"one step, beam 3 over {B} images ({R} rows): {step:.1f} ms")
+    for name, t in times.items():
+        print(f"  {name:>28}: {t:6.2f} ms")
+    print(f"  attention in one piece {whole:.1f} ms, in 1 MB chunks {chunked:.1f} ms")
+    out = {
+        "step_ms": step,
+        "step_parts": {k: round(v, 2) for k, v in times.items()},
+        "energy_unchunked_ms": whole,
+        "energy_chunked_ms": chunked,
+    }
+    if fused is not None:
+        print(
+            f"  energy alone (tanh and score of the (B, k, L, A) sums): eager {eager_energy:.1f} "
+            f"ms, torch.compile fused {fused:.1f} ms (compiled in {compile_s:.0f} s)"
+        )
+        out.update(energy_eager_ms=eager_energy, energy_compiled_ms=fused)
+    return out
+
+
+def _side_by_side(fns: dict, device, repeat: int) -> dict[str, float]:
+    """Best time of each fn, alternating them so load bursts hit all alike."""
+    best = dict.fromkeys(fns, math.inf)
+    for fn in fns.values():
+        fn()
+    for _ in range(repeat):
+        for name, fn in fns.items():
+            best[name] = min(best[name], best_time(fn, device, repeat=1, warmup=0))
+    return best
+
+
+def bench_int8_resnet_sized(args, decoder, features, device) -> dict:
+    """Batched beam 3 at 14x14: float against int8 (and against bf16 matmuls where the CPU has
+    avx512_bf16), with the share of identical captions."""
+    out = {}
+    int8 = quantize_model(copy.deepcopy(decoder), "int8")
+    bf16 = _has_bf16() and device.type == "cpu"
+
+    def search_bf16():
+        precision = torch.backends.mkldnn.matmul.fp32_precision
+        torch.backends.mkldnn.matmul.fp32_precision = "bf16"  # oneDNN's implicit bf16 matmuls
+        try:
+            return beam_search(decoder, features, 3, 20)
+        finally:
+            torch.backends.mkldnn.matmul.fp32_precision = precision
+
+    searches = {
+        "float": lambda: beam_search(decoder, features, 3, 20),
+        "int8": lambda: beam_search(int8, features, 3, 20),
+    }
+    if bf16:
+        searches["bf16"] = search_bf16
+    want = _tokens(searches["float"]())
+    got = _tokens(searches["int8"]())
+    times = _side_by_side(searches, device, args.repeat)
+    out["int8_speedup_resnet_sized"] = times["float"] / times["int8"]
+    out["int8_identical_resnet_sized"] = sum(a == b for a, b in zip(got, want)) / len(want)
     print(
-        f"per-image loop: {1 / per_image_s:8.1f} images/s; caption lengths {min(lengths)}..{max(lengths)}"
+        f"ResNet-sized decode, beam 3 x {len(features)}: int8 {out['int8_speedup_resnet_sized']:.2f}x "
+        f"float, {out['int8_identical_resnet_sized']:.0%} identical captions"
     )
-    return {"beam_speedup": speedup, "captions_identical": identical}
+    if bf16:
+        got = _tokens(search_bf16())
+        out["bf16_speedup_resnet_sized"] = times["float"] / times["bf16"]
+        out["bf16_identical_resnet_sized"] = sum(a == b for a, b in zip(got, want)) / len(want)
+        print(
+            f"  oneDNN fp32 matmuls in bf16: {out['bf16_speedup_resnet_sized']:.2f}x float, "
+            f"{out['bf16_identical_resnet_sized']:.0%} identical captions"
+        )
+    return out
+
+
+def _has_bf16() -> bool:
+    with contextlib.suppress(OSError):
+        return "avx512_bf16" in Path("/proc/cpuinfo").read_text()
+    return False
+
+
+def bench_int8_demo(args, device) -> dict:
+    """The demo captioner: decode of a batch of 32 float vs int8, and identical captions on the
+    shapes test split (`--shapes-test`, its first `--int8-images` images)."""
+    folder = Path(args.shapes_test) / "images"
+    if device.type != "cpu" or not folder.is_dir():
+        print(f"int8: skipped (needs the CPU and {folder})")
+        return {}
+    plain = Captioner.load(DEFAULT_CAPTION_MODEL)
+    int8 = Captioner.load(DEFAULT_CAPTION_MODEL, quantize="int8")
+    files = sorted(folder.glob("*.png"))[: args.int8_images]
+    same, batch = 0, 32
+    for i in range(0, len(files), batch):
+        features = plain.encode(plain.preprocess([load_image(f) for f in files[i : i + batch]]))
+        a = plain.caption_features(features, beam_size=3)
+        b = int8.caption_features(features, beam_size=3)
+        same += sum(x.tokens == y.tokens for x, y in zip(a, b))
+    features = plain.encode(plain.preprocess([load_image(f) for f in files[:batch]]))
+    times = _side_by_side(
+        {
+            "float": lambda: plain.caption_features(features, beam_size=3),
+            "int8": lambda: int8.caption_features(features, beam_size=3),
+        },
+        device,
+        max(args.repeat, 5),
+    )
+    out = {"int8_speedup": times["float"] / times["int8"], "int8_identical": same / len(files)}
+    print(
+        f"demo captioner decode, beam 3 x {len(features)}: float {1000 * times['float']:.1f} ms, "
+        f"int8 {1000 * times['int8']:.1f} ms ({out['int8_speedup']:.2f}x); identical captions "
+        f"{same}/{len(files)}"
+    )
+    return out
 
 
 def main() -> None:
@@ -187,13 +447,15 @@ def main() -> None:
     )
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--encoder-batch", type=int, default=8)
-    parser.add_argument("--images", type=int, default=64, help="images for the beam comparison")
+    parser.add_argument("--images", type=int, default=32, help="images for the decode benches")
     parser.add_argument("--repeat", type=int, default=3)
-    parser.add_argument(
-        "--rounds", type=int, default=5, help="side-by-side encoder/matmul rounds for the ratio"
-    )
+    parser.add_argument("--rounds", type=int, default=3, help="side-by-side rounds for a ratio")
     parser.add_argument("--half", action="store_true", help="bf16 encoder (for CUDA)")
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile variant")
+    parser.add_argument("--skip-encoder", action="store_true", help="decoding benches only")
+    parser.add_argument("--skip-int8", action="store_true", help="no int8 / bf16 benches")
+    parser.add_argument("--shapes-test", default="data/shapes-test/test", help="shapes test split")
+    parser.add_argument("--int8-images", type=int, default=1000, help="images for int8_identical")
     args = parser.parse_args()
     device = torch.device(args.device)
     dtype = torch.bfloat16 if args.half else torch.float32
@@ -202,21 +464,49 @@ def main() -> None:
         torch.backends.cudnn.allow_tf32 = False
         torch.backends.cuda.matmul.allow_tf32 = False
     print(f"device {device}, torch {torch.__version__}, threads {torch.get_num_threads()}")
-    enc = bench_encoder(args, device, dtype)
-    print(
-        f"encoder: {enc['encoder_ms']:.1f} ms/image, {enc['encoder_gflops_per_image']:.2f} GFLOP/image, "
-        f"matmul {enc['matmul_gflops_per_s']:.0f} GFLOP/s; best ({enc['encoder_variant']}) "
-        f"{enc['encoder_floor_ratio']:.2f}x the FLOP floor"
+    result: dict = {}
+    if not args.skip_encoder:
+        enc = bench_encoder(args, device, dtype)
+        print(
+            f"encoder: {enc['encoder_ms']:.1f} ms/image, {enc['encoder_gflops_per_image']:.2f} "
+            f"GFLOP/image; floor {enc['floor_gflops_per_s']:.0f} GFLOP/s ({enc['floor_source']}); "
+            f"best ({enc['encoder_variant']}) {enc['encoder_floor_ratio']:.2f}x the FLOP floor"
+        )
+        result.update(
+            encoder_ms=enc["encoder_ms"],
+            encoder_floor_ratio=enc["encoder_floor_ratio"],
+            encoder_floor_ratio_median=enc["encoder_floor_ratio_median"],
+            floor_gflops_per_s=enc["floor_gflops_per_s"],
+            floor_source=enc["floor_source"],
+        )
+    decoder = resnet_sized_decoder(14).to(device)
+    torch.manual_seed(2)
+    features = torch.randn(args.images, 196, 2048, device=device)
+    result.update(bench_decode_floor(args, decoder, features, device))
+    b3 = bench_beam(args, decoder, features, device, 3, (8, 32))
+    b5 = bench_beam(args, decoder, features, device, 5, (32,))
+    result.update(
+        beam_speedup=b3["speedup"],
+        captions_identical=b3["identical"],
+        beam_speedup_14x14_b5=b5["speedup"]["32"],
+        beam_identical_14x14_b5=b5["identical"],
     )
-    beam = bench_beam(args, device)
+    if device.type == "cpu":
+        result.update(bench_step(decoder, features, device, compile=not args.no_compile))
+    if not args.skip_int8 and device.type == "cpu":
+        result.update(bench_int8_demo(args, device))
+        result.update(bench_int8_resnet_sized(args, decoder, features, device))
     print(
         json.dumps(
             {
-                "encoder_ms": round(enc["encoder_ms"], 3),
-                "encoder_floor_ratio": round(enc["encoder_floor_ratio"], 3),
-                "encoder_floor_ratio_median": round(enc["encoder_floor_ratio_median"], 3),
-                "beam_speedup": {k: round(v, 2) for k, v in beam["beam_speedup"].items()},
-                "captions_identical": beam["captions_identical"],
+                k: round(v, 3) if isinstance(v, float) else v
+                for k, v in result.items()
+                if not isinstance(v, dict)
+            }
+            | {
+                k: {n: round(x, 2) for n, x in v.items()}
+                for k, v in result.items()
+                if isinstance(v, dict)
             }
         )
     )

@@ -76,6 +76,8 @@ def test_cors_as_json(monkeypatch):
         ({"log_level": "LOUD"}, "log_level"),
         ({"max_queue": 4, "max_batch_images": 8}, "max_queue (4) must be >= max_batch_images"),
         ({"api_key": " padded "}, "whitespace"),
+        ({"quantize": "int4"}, "quantize"),
+        ({"quantize": "int8", "device": "cuda"}, "CPU only"),
     ],
 )
 def test_unsafe_settings_are_refused(values, needle):
@@ -85,6 +87,13 @@ def test_unsafe_settings_are_refused(values, needle):
 
 def test_empty_api_key_means_none():
     assert Settings(api_key="").api_key is None
+
+
+def test_empty_quantize_means_float(monkeypatch):
+    monkeypatch.setenv("CAPTIONER_QUANTIZE", "")
+    assert Settings().quantize is None
+    monkeypatch.setenv("CAPTIONER_QUANTIZE", "int8")
+    assert Settings().quantize == "int8"
 
 
 def test_get_settings_is_cached():

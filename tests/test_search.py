@@ -1,7 +1,18 @@
 import pytest
 import torch
 
-from captioner.caption.search import beam_search, greedy, length_penalty_factor, sample
+from captioner.caption.captioner import Captioner
+from captioner.caption.search import (
+    Hypothesis,
+    _log_probs,
+    _reorder,
+    beam_search,
+    greedy,
+    length_penalty_factor,
+    sample,
+)
+from captioner.data.shapes import generate_split, render
+from captioner.paths import DEFAULT_CAPTION_MODEL
 from captioner.vocab import Vocabulary
 from tests.conftest import tiny_model
 
@@ -123,3 +134,166 @@ def test_bad_search_arguments_are_clear_errors(kwargs, match):
     model = tiny_model()
     with pytest.raises(ValueError, match=match):
         beam_search(model.decoder, _features(model, 1), **kwargs)
+
+
+# -- the search before image memory was shared by beams, kept as the reference -----------------
+@torch.inference_mode()
+def _per_beam_copies_beam_search(decoder, features, beam_size, max_length, n_best=1):
+    """The batched beam search as it was: every beam holds a copy of its image's memory (the
+    memory is repeated k times, one row per beam, and re-copied when an image finishes)."""
+    START = Vocabulary.start_id
+    B, L, k = features.shape[0], features.shape[1], beam_size
+    memory = decoder.memory(features)
+    memory = memory.index_select(torch.arange(B).repeat_interleave(k))
+    state = decoder.init_state(memory)
+    scores = torch.full((B, k), float("-inf"))
+    scores[:, 0] = 0.0
+    prev = torch.full((B * k,), START, dtype=torch.long)
+    tokens = torch.empty(B * k, 0, dtype=torch.long)
+    logps = torch.empty(B * k, 0)
+    alphas = torch.empty(B * k, 0, L) if decoder.attend is not None else None
+    active = list(range(B))
+    finished = [[] for _ in range(B)]
+    for t in range(max_length):
+        logits, alpha, state = decoder.step(memory, state, prev)
+        logp = _log_probs(logits)
+        n, V = len(active), logp.shape[1]
+        cand = (scores.view(n * k, 1) + logp).view(n, k * V)
+        top_scores, top_idx = cand.topk(min(2 * k, k * V), dim=1)
+        beam, word = top_idx // V, top_idx % V
+        is_end = word == END
+        alive = ~is_end & (torch.cumsum(~is_end, dim=1) <= k)
+        keep_scores = top_scores[alive].view(n, k)
+        rows = (torch.arange(n).unsqueeze(1) * k + beam)[alive].view(-1)
+        keep_words = word[alive].view(-1)
+        for i, r in (is_end & (torch.arange(top_idx.shape[1]) < k)).nonzero().tolist():
+            raw = float(top_scores[i, r])
+            if raw != float("-inf"):
+                row = i * k + int(beam[i, r])
+                att = alphas[row].clone() if alphas is not None else None
+                hyp = Hypothesis(tokens[row].tolist(), logps[row].tolist(), att, raw, True)
+                finished[active[i]].append(hyp)
+        step_logp = logp.view(n * k, V)[rows, keep_words]
+        tokens = torch.cat([tokens[rows], keep_words.unsqueeze(1)], dim=1)
+        logps = torch.cat([logps[rows], step_logp.unsqueeze(1)], dim=1)
+        if alphas is not None:
+            alphas = torch.cat([alphas[rows], alpha[rows].unsqueeze(1)], dim=1)
+        state = _reorder(state, rows)
+        scores, prev = keep_scores, keep_words
+        best_alive = scores.max(dim=1).values.tolist()
+        still = []
+        for i, img in enumerate(active):
+            fin = finished[img] = sorted(finished[img], key=lambda h: -h.score)[:k]
+            if t == max_length - 1:
+                if len(fin) < n_best:
+                    for j in range(k):
+                        raw, row = float(scores[i, j]), i * k + j
+                        if raw != float("-inf"):
+                            att = alphas[row].clone() if alphas is not None else None
+                            hyp = Hypothesis(
+                                tokens[row].tolist(), logps[row].tolist(), att, raw, False
+                            )
+                            fin.append(hyp)
+            elif not (len(fin) >= k and best_alive[i] <= fin[-1].score):
+                still.append(i)
+        if not still:
+            break
+        if len(still) < n:
+            keep = torch.tensor(still)
+            keep_rows = (keep.unsqueeze(1) * k + torch.arange(k)).view(-1)
+            memory = memory.index_select(keep_rows)
+            state = _reorder(state, keep_rows)
+            tokens, logps, prev = tokens[keep_rows], logps[keep_rows], prev[keep_rows]
+            alphas = alphas[keep_rows] if alphas is not None else None
+            scores = scores[keep]
+            active = [active[i] for i in still]
+    return [sorted(f, key=lambda h: -h.score)[:n_best] for f in finished]
+
+
+def _assert_same_hypotheses(got, want):
+    assert [[h.tokens for h in hs] for hs in got] == [[h.tokens for h in hs] for hs in want]
+    for hs, ws in zip(got, want, strict=True):
+        for h, w in zip(hs, ws, strict=True):
+            assert h.finished == w.finished
+            assert h.score == pytest.approx(w.score, abs=1e-5)
+            assert h.token_logprobs == pytest.approx(w.token_logprobs, abs=1e-5)
+            if w.attention is not None:
+                torch.testing.assert_close(h.attention, w.attention, atol=1e-6, rtol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def demo_features():
+    """The demo captioner and its encoder grids of 12 shapes scenes (1 to 4 objects each)."""
+    captioner = Captioner.load(DEFAULT_CAPTION_MODEL)
+    images = [render(scene) for scene in generate_split(12, seed=7)]
+    return captioner.model.decoder, captioner.encode(captioner.preprocess(images))
+
+
+@pytest.mark.parametrize("beam_size", [1, 3, 5])
+@pytest.mark.parametrize("model", ["demo", "random", "random-gru-2", "random-no-attention"])
+def test_shared_memory_search_equals_per_beam_copies(model, beam_size, demo_features):
+    """Beams reading their image's one memory give the captions, scores, log-probs and attention
+    of the search that copied the memory per beam, with images finishing at different steps."""
+    if model == "demo":
+        decoder, feats = demo_features
+        max_length = 20
+    else:
+        variant = {
+            "random": {},
+            "random-gru-2": dict(cell="gru", num_layers=2),
+            "random-no-attention": dict(attention=False),
+        }[model]
+        net = tiny_model(seed=3, **variant).eval()
+        with torch.no_grad():  # sharper words and a likelier <end>: captions end at 0..12 words
+            net.decoder.out.weight.mul_(5.0)
+            net.decoder.out.bias[END] = 1.0
+        torch.manual_seed(1)
+        decoder, feats, max_length = net.decoder, 5 * torch.randn(8, 16, 16), 12
+    n_best = min(2, beam_size)
+    got = beam_search(decoder, feats, beam_size, max_length, n_best=n_best)
+    want = _per_beam_copies_beam_search(decoder, feats, beam_size, max_length, n_best)
+    _assert_same_hypotheses(got, want)
+    # The images leave the batch at different steps: the search drops finished images.
+    lengths = {len(hs[0].tokens) for hs in got}
+    assert len(lengths) > 1, lengths
+    if beam_size == 1:
+        for g, [b] in zip(greedy(decoder, feats, max_length), got, strict=True):
+            assert g.tokens == b.tokens
+
+
+def test_each_step_reads_one_memory_per_live_image_and_leaves_the_callers_features(demo_features):
+    decoder, feats = demo_features
+    before = feats.clone()
+    seen = []
+    step = decoder.step
+
+    def spy(memory, state, prev):
+        seen.append((len(memory), prev.shape[0], memory.features.data_ptr()))
+        return step(memory, state, prev)
+
+    decoder.step = spy
+    try:
+        hyps = beam_search(decoder, feats, beam_size=4, max_length=20)
+    finally:
+        del decoder.step
+    assert torch.equal(feats, before)
+    images = [n for n, _, _ in seen]
+    assert images[0] == len(feats) and images[-1] < images[0]  # images left as they finished
+    assert images == sorted(images, reverse=True)
+    # One memory per live image, read by its 4 beams (one row each after the first step).
+    assert seen[0][1] == len(feats) and all(rows == 4 * n for n, rows, _ in seen[1:])
+    # The memory stays where it is (the demo model adds positions, so it is the search's own
+    # copy from the start): finished images make room in place, the rest is never re-copied.
+    assert len({ptr for _, _, ptr in seen}) == 1
+    assert [h[0].tokens for h in hyps] == [
+        h[0].tokens for h in _per_beam_copies_beam_search(decoder, feats, 4, 20)
+    ]
+
+
+def test_beams_wider_than_the_vocabulary_match_per_beam_copies():
+    """With k >= V the first step cannot take k words from one row: k rows start, k-1 at -inf."""
+    net = tiny_model(vocab_size=6, seed=4).eval()
+    torch.manual_seed(2)
+    feats = 5 * torch.randn(3, 16, 16)
+    got = beam_search(net.decoder, feats, beam_size=6, max_length=5, n_best=3)
+    _assert_same_hypotheses(got, _per_beam_copies_beam_search(net.decoder, feats, 6, 5, 3))

@@ -53,6 +53,7 @@ def get_args_parser() -> argparse.ArgumentParser:
         help="no Java at all: skip METEOR and tokenize with the project's tokenizer, not PTB",
     )
     p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
+    p.add_argument("--quantize", choices=["int8"], help="int8 LSTM and linear layers (CPU)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
 
@@ -67,7 +68,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     if args.limit is not None and args.limit < 1:
         raise ValueError(f"--limit must be >= 1, got {args.limit}")
     objects = read_objects(args.objects) if args.objects else None
-    captioner = Captioner.load(args.model, device=args.device)
+    captioner = Captioner.load(args.model, device=args.device, quantize=args.quantize)
     data = load_coco_captions(args.captions, args.images)
     if args.limit is not None:
         data = CaptionSet(data.records[: args.limit], data.skipped_missing)

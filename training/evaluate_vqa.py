@@ -40,13 +40,14 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="write the metrics JSON here (also printed)")
     p.add_argument("--batch-size", type=int, default=64, help="images per batch")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--quantize", choices=["int8"], help="int8 LSTM and linear layers (CPU)")
     p.add_argument("--no-progress", action="store_true")
     return p
 
 
 def main(args: argparse.Namespace) -> dict:
     started = time.monotonic()
-    vqa = Answerer.load(args.model, device=args.device)
+    vqa = Answerer.load(args.model, device=args.device, quantize=args.quantize)
     with tempfile.TemporaryDirectory(prefix="easy-vqa-") as tmp:
         if args.easy_vqa:
             from training.make_easy_vqa import convert_split

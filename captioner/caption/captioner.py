@@ -25,6 +25,7 @@ from captioner.checkpoint import ModelDirError, build_checked, load_model_dir, s
 from captioner.domain import DomainStats, attach, load_domain
 from captioner.encoder import EncoderConfig
 from captioner.image import ImageInput, as_images, preprocess_batch
+from captioner.quantize import check_quantize, quantize_model
 from captioner.results import CaptionResult
 from captioner.vocab import Vocabulary
 
@@ -61,10 +62,16 @@ class Captioner:
     @domain.setter
     def domain(self, stats: DomainStats | None) -> None:
         self._domain = attach(stats, self.model.encoder.feature_dim, self.device)
+        self.quantize: str | None = None  # "int8" when `load` quantized the model
 
     # -- files ---------------------------------------------------------------------------------
     @classmethod
-    def load(cls, path: str | Path, device: str | torch.device = "cpu") -> Captioner:
+    def load(
+        cls, path: str | Path, device: str | torch.device = "cpu", quantize: str | None = None
+    ) -> Captioner:
+        """The captioner in model folder `path`; `quantize="int8"` (CPU only) stores the decoder's
+        LSTM and linear layers as int8 (`captioner.quantize`); such a captioner cannot be saved."""
+        check_quantize(quantize, device)
         config, weights, side = load_model_dir(path, "captioner", required=("vocab.json",))
         try:
             encoder_config = EncoderConfig.from_dict(config["encoder"])
@@ -76,8 +83,8 @@ class Captioner:
                 weights,
                 path,
             )
-            return cls(
-                model,
+            captioner = cls(
+                quantize_model(model.eval(), quantize),
                 vocab,
                 name=str(config.get("name", Path(path).name)),
                 version=str(config.get("version", "0")),
@@ -86,6 +93,8 @@ class Captioner:
                 card=_card(path, side, len(vocab)),
                 domain=load_domain(path, side, model.encoder.feature_dim),
             )
+            captioner.quantize = quantize
+            return captioner
         except ModelDirError:
             raise
         except (KeyError, TypeError, ValueError) as exc:
@@ -117,6 +126,11 @@ class Captioner:
         return self.domain.tensor_files() if self.domain is not None else {}
 
     def save(self, path: str | Path, training: dict | None = None) -> Path:
+        if self.quantize is not None:
+            raise ValueError(
+                f"a captioner loaded with quantize={self.quantize!r} cannot be saved: model "
+                "folders hold float weights (save the captioner loaded without quantize)"
+            )
         return save_model_dir(
             path,
             self.config(),

@@ -78,7 +78,11 @@ State = tuple[list[torch.Tensor], list[torch.Tensor] | None]  # per layer: hidde
 
 
 class Memory:
-    """What a decoder needs from the image for every step, computed once per image."""
+    """What a decoder needs from the image for every step, computed once per image.
+
+    It is held once per image however many rows of the state read it: with beam search, rows
+    b*k .. b*k+k-1 (the k beams) all read image b (see `CaptionDecoder.step`).
+    """
 
     def __init__(
         self, features: torch.Tensor, projected: torch.Tensor | None, pooled: torch.Tensor
@@ -87,8 +91,16 @@ class Memory:
         self.projected = projected  # (B, L, A) or None without attention
         self.pooled = pooled  # (B, D)
 
+    def __len__(self) -> int:
+        return self.features.shape[0]
+
     def index_select(self, index: torch.Tensor) -> Memory:
         pick = lambda t: None if t is None else t.index_select(0, index)  # noqa: E731
+        return Memory(pick(self.features), pick(self.projected), pick(self.pooled))
+
+    def narrow(self, n: int) -> Memory:
+        """The first n images, as views (no copy)."""
+        pick = lambda t: None if t is None else t[:n]  # noqa: E731
         return Memory(pick(self.features), pick(self.projected), pick(self.pooled))
 
 
@@ -163,17 +175,30 @@ class CaptionDecoder(nn.Module):
         prev_tokens: torch.Tensor,
         cells: list[torch.Tensor] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None, State]:
-        """prev_tokens (B,) -> logits (B, V), attention (B, L) or None, new state. With hard
-        attention the cell each row read is appended to `cells` when given."""
+        """prev_tokens (R,) -> logits (R, V), attention (R, L) or None, new state; R = B*k rows.
+
+        With B images in `memory`, rows b*k .. b*k+k-1 of the state and tokens are about image b:
+        the k beams of a beam search read their image's memory, which is never copied per beam.
+        Everywhere else k = 1 (one row per image). With hard attention the cell each row read
+        is appended to `cells` when given.
+        """
         hs, cs = state
         top = hs[-1]
+        B, R = memory.features.shape[0], prev_tokens.shape[0]
+        if B == 0 or R % B or top.shape[0] != R:
+            raise ValueError(
+                f"expected k rows of state and tokens per image ({B} images), got "
+                f"{top.shape[0]} state rows and {R} tokens"
+            )
         if self.attend is not None:
-            context, alpha = self.attend(memory.features, memory.projected, top)  # (B, D), (B, L)
+            context, alpha = self.attend(memory.features, memory.projected, top)  # (R, D), (R, L)
             if self.config.hard_attention:
                 context = self._hard_context(memory.features, alpha, context, cells)
             context = torch.sigmoid(self.gate(top)) * context
         else:
-            context, alpha = memory.pooled, None
+            context, alpha = memory.pooled, None  # (B, D)
+            if R > B:
+                context = context.repeat_interleave(R // B, dim=0)  # (R, D): small, D per row
         emb = self.embedding(prev_tokens)  # (B, E)
         x = torch.cat([emb, context], dim=1)
         new_h, new_c = [], []
@@ -206,7 +231,8 @@ class CaptionDecoder(nn.Module):
             return expected
         if cells is not None:
             cells.append(cell)
-        return features[torch.arange(len(features), device=features.device), cell]  # (B, D)
+        rows = torch.arange(len(alpha), device=alpha.device) // (len(alpha) // len(features))
+        return features[rows, cell]  # (R, D): row r reads its image r // k
 
     # -- teacher forcing -----------------------------------------------------------------------
     def forward(

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from captioner.caption.decoder import CaptionDecoder, State
+from captioner.caption.decoder import CaptionDecoder, Memory, State
 from captioner.vocab import Vocabulary
 
 START, END = Vocabulary.start_id, Vocabulary.end_id
@@ -35,8 +35,10 @@ def _check(features: torch.Tensor, max_length: int) -> None:
 
 
 def _log_probs(logits: torch.Tensor) -> torch.Tensor:
-    """Log-probabilities over the words a caption may contain: `<pad>` and `<start>` never are."""
-    logits = logits.float().clone()
+    """Log-probabilities over the words a caption may contain: `<pad>` and `<start>` never are.
+
+    Overwrites those two columns of `logits` (a step's output, read nowhere else)."""
+    logits = logits.float()
     logits[:, [Vocabulary.pad_id, START]] = float("-inf")
     return F.log_softmax(logits, dim=1)
 
@@ -128,10 +130,13 @@ def beam_search(
 ) -> list[list[Hypothesis]]:
     """Beam search over all images at once; returns the `n_best` hypotheses per image, best first.
 
-    All beams of all images live in one (rows = images x beams) batch. Each step takes the top 2k
-    continuations per image: those ending in `<end>` among the top k are retired into the image's
-    finished list, the best k others stay alive. An image leaves the batch (its rows are dropped)
-    once it has k finished hypotheses and no live beam can still beat them; beam size 1 is greedy.
+    All beams of all images live in one batch of rows (image i's k beams are rows i*k .. i*k+k-1),
+    while each image's memory (grid and attention projection) is held once and read by its beams
+    (`CaptionDecoder.step`), never copied per beam. Each step takes the top 2k continuations per
+    image: those ending in `<end>` among the top k are retired into the image's finished list,
+    the best k others stay alive. An image leaves the batch once it has k finished hypotheses and
+    no live beam can still beat them: its slot is taken by the last live image, so an image that
+    finishes costs one image's copy and the others are not copied. Beam size 1 is greedy.
     """
     _check(features, max_length)
     if not 1 <= beam_size <= 100:
@@ -141,33 +146,37 @@ def beam_search(
     if length_penalty < 0:
         raise ValueError(f"length_penalty must be >= 0, got {length_penalty}")
     B, L, device, k = features.shape[0], features.shape[1], features.device, beam_size
-    memory = decoder.memory(features)  # the attention projection, once per image
-    memory = memory.index_select(torch.arange(B, device=device).repeat_interleave(k))
+    memory = decoder.memory(features)  # (B, ...): the attention projection, once per image
+    owned = memory.features is not features  # False: the memory holds the caller's tensor
+    V = decoder.config.vocab_size
+    # All k beams start identical: the first step runs one row per image (its top 2k words hold
+    # at least k that do not end while V > k), the same search as k rows with k-1 at -inf.
+    width = k if k >= V else 1
     state = decoder.init_state(memory)
-    scores = torch.full((B, k), float("-inf"), device=device)
-    scores[:, 0] = 0.0  # all beams start identical: expand only the first
-    prev = torch.full((B * k,), START, dtype=torch.long, device=device)
-    tokens = torch.empty(B * k, 0, dtype=torch.long, device=device)
-    logps = torch.empty(B * k, 0, device=device)
-    alphas = torch.empty(B * k, 0, L, device=device) if decoder.attend is not None else None
-    active = list(range(B))  # which image each group of k rows belongs to
+    if width > 1:
+        state = _reorder(state, torch.arange(B, device=device).repeat_interleave(width))
+    scores = torch.full((B, width), float("-inf"), device=device)
+    scores[:, 0] = 0.0
+    prev = torch.full((B * width,), START, dtype=torch.long, device=device)
+    tokens = torch.empty(B * width, 0, dtype=torch.long, device=device)
+    logps = torch.empty(B * width, 0, device=device)
+    alphas = torch.empty(B * width, 0, L, device=device) if decoder.config.attention else None
+    active = list(range(B))  # the image in each slot of the memory (its first len(active))
     finished: list[list[Hypothesis]] = [[] for _ in range(B)]
     bound = length_penalty_factor(max_length, length_penalty)
     for t in range(max_length):
         logits, alpha, state = decoder.step(memory, state, prev)
-        logp = _log_probs(logits)  # (n*k, V)
-        n, V = len(active), logp.shape[1]
-        cand = (scores.view(n * k, 1) + logp).view(n, k * V)
-        top_scores, top_idx = cand.topk(min(2 * k, k * V), dim=1)  # (n, 2k)
+        logp = _log_probs(logits)  # (n*w, V), w beams per image
+        n, w = len(active), scores.shape[1]
+        cand = (scores.view(n * w, 1) + logp).view(n, w * V)
+        top_scores, top_idx = cand.topk(min(2 * k, w * V), dim=1)  # (n, 2k)
         beam, word = top_idx // V, top_idx % V
         is_end = word == END
         # The best k candidates that do not end stay alive.
         alive = ~is_end & (torch.cumsum(~is_end, dim=1) <= k)
         keep_scores = top_scores[alive].view(n, k)
-        rows = (torch.arange(n, device=device).unsqueeze(1) * k + beam)[alive].view(-1)  # (n*k,)
+        rows = (torch.arange(n, device=device).unsqueeze(1) * w + beam)[alive].view(-1)  # (n*k,)
         keep_words = word[alive].view(-1)
-        tokens_ended, logps_ended = tokens, logps
-        alphas_ended = alphas
 
         # Retire the finished candidates (host-side bookkeeping on small tensors).
         ends = (is_end & (torch.arange(top_idx.shape[1], device=device) < k)).nonzero().tolist()
@@ -177,19 +186,18 @@ def beam_search(
                 raw = top_scores_l[i][r]
                 if raw == float("-inf"):
                     continue
-                row = i * k + beam_l[i][r]
-                att = alphas_ended[row].float().cpu() if alphas_ended is not None else None
+                row = i * w + beam_l[i][r]
                 finished[active[i]].append(
                     Hypothesis(
-                        tokens_ended[row].tolist(),
-                        logps_ended[row].tolist(),
-                        att,
+                        tokens[row].tolist(),
+                        logps[row].tolist(),
+                        alphas[row].float().cpu() if alphas is not None else None,
                         raw / length_penalty_factor(t + 1, length_penalty),
                         True,
                     )
                 )
 
-        step_logp = logp.view(n * k, V)[rows, keep_words]
+        step_logp = logp[rows, keep_words]
         tokens = torch.cat([tokens[rows], keep_words.unsqueeze(1)], dim=1)
         logps = torch.cat([logps[rows], step_logp.unsqueeze(1)], dim=1)
         if alphas is not None:
@@ -211,12 +219,11 @@ def beam_search(
                         if raw == float("-inf"):
                             continue
                         row = i * k + j
-                        att = alphas[row].float().cpu() if alphas is not None else None
                         fin.append(
                             Hypothesis(
                                 tokens[row].tolist(),
                                 logps[row].tolist(),
-                                att,
+                                alphas[row].float().cpu() if alphas is not None else None,
                                 raw / length_penalty_factor(t + 1, length_penalty),
                                 False,
                             )
@@ -226,12 +233,38 @@ def beam_search(
         if not still:
             break
         if len(still) < n:
-            keep = torch.tensor(still, device=device)
+            if not owned:  # the slots are about to be overwritten: not in the caller's tensor
+                memory.features, owned = memory.features.clone(), True
+            memory, order = _drop_images(memory, still)
+            keep = torch.tensor(order, device=device)
             keep_rows = (keep.unsqueeze(1) * k + torch.arange(k, device=device)).view(-1)
-            memory = memory.index_select(keep_rows)
             state = _reorder(state, keep_rows)
             tokens, logps, prev = tokens[keep_rows], logps[keep_rows], prev[keep_rows]
             alphas = alphas[keep_rows] if alphas is not None else None
             scores = scores[keep]
-            active = [active[i] for i in still]
+            active = [active[i] for i in order]
     return [sorted(f, key=lambda h: -h.score)[:n_best] for f in finished]
+
+
+def _drop_images(memory: Memory, still: list[int]) -> tuple[Memory, list[int]]:
+    """Keep the images in slots `still` (ascending) as the first m = len(still) slots, in place.
+
+    Each slot below m whose image leaves takes an image staying from a slot at or above m, so the
+    copy is one image per image that leaves, and the images that stay where they are are not
+    copied at all. Returns the memory of the first m slots (views) and, for each new slot, the
+    slot its image came from.
+    """
+    m, staying = len(still), set(still)
+    holes = [s for s in range(m) if s not in staying]
+    movers = [s for s in still if s >= m]
+    order = list(range(m))
+    for hole, mover in zip(holes, movers, strict=True):
+        order[hole] = mover
+    if holes:
+        device = memory.features.device
+        dst = torch.tensor(holes, device=device)
+        src = torch.tensor(movers, device=device)
+        for t in (memory.features, memory.projected, memory.pooled):
+            if t is not None:
+                t.index_copy_(0, dst, t.index_select(0, src))
+    return memory.narrow(m), order

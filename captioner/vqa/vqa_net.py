@@ -85,17 +85,19 @@ class QuestionEncoder(nn.Module):
         after every word (Q, T, H), word mask (Q, T)). Right padding never reaches earlier steps."""
         mask = questions != self.pad_id  # (Q, T)
         lengths = mask.sum(dim=1)  # (Q,)
-        if bool((lengths == 0).any()):
+        exporting = torch.compiler.is_exporting()  # ONNX: no data-dependent check or shape
+        if not exporting and bool((lengths == 0).any()):
             raise ValueError("every question needs at least one word")
         # Questions repeat a lot (templates, several images asked the same thing): run the RNN,
         # the costliest part of a training step on a CPU, once per distinct question.
-        if len(questions) > 1:
+        if not exporting and len(questions) > 1:
             unique, inverse = torch.unique(questions, dim=0, return_inverse=True)
             states, _ = self.rnn(self.dropout(torch.tanh(self.embedding(unique))))  # (U, T, H)
             states = states[inverse]  # (Q, T, H)
         else:
             states, _ = self.rnn(self.dropout(torch.tanh(self.embedding(questions))))  # (1, T, H)
-        last = states[torch.arange(len(questions), device=states.device), lengths - 1]  # (Q, H)
+        rows = torch.arange(questions.shape[0], device=states.device)
+        last = states[rows, lengths - 1]  # (Q, H)
         return last, states, mask
 
 
@@ -261,7 +263,7 @@ class VQANet(nn.Module):
         if self.position is not None:
             v = v + self.position
         if c.coords:
-            xy = self.cell_xy.to(v.dtype).expand(len(v), -1, -1)
+            xy = self.cell_xy.to(v.dtype).expand(v.shape[0], -1, -1)
             v = torch.cat([v, xy], dim=2)  # (B, L, D+2)
         if self.attend is None:
             return v
@@ -293,7 +295,7 @@ class VQANet(nn.Module):
             raise ValueError(
                 f"expected prepared image memory (B, L, {width}), got {tuple(memory.shape)}"
             )
-        if image_index is None and len(questions) != len(memory):
+        if image_index is None and questions.shape[0] != memory.shape[0]:
             raise ValueError(
                 f"{len(questions)} questions for {len(memory)} images; pass image_index"
             )

@@ -1,0 +1,99 @@
+"""`quantize="int8"`: the demo models load with int8 LSTM and linear layers and answer nearly as
+the float ones; the CLI flag and the service setting reach them; bad values are clear errors."""
+
+import io
+import json
+
+import pytest
+import torch
+from torch import nn
+
+from api.app import create_app
+from api.cli import main as cli_main
+from captioner.caption.captioner import Captioner
+from captioner.data.shapes import generate_split, render
+from captioner.paths import DEFAULT_CAPTION_MODEL, DEFAULT_VQA_MODEL
+from captioner.quantize import quantize_model
+from captioner.vqa.answerer import Answerer
+from tests.api_fixtures import TestClient, settings
+
+SCENES = generate_split(24, seed=11)  # not the demo models' training seed
+
+
+def _float_layers(model: nn.Module) -> list[str]:
+    kinds = (nn.Linear, nn.LSTMCell, nn.LSTM, nn.GRUCell, nn.GRU, nn.RNNCell)
+    return [name for name, m in model.named_modules() if type(m) in kinds]
+
+
+@pytest.fixture(scope="module")
+def images():
+    return [render(scene) for scene in SCENES]
+
+
+def test_int8_captioner_writes_nearly_the_float_captions(images):
+    plain = Captioner.load(DEFAULT_CAPTION_MODEL)
+    int8 = Captioner.load(DEFAULT_CAPTION_MODEL, quantize="int8")
+    assert _float_layers(plain.model.decoder) and not _float_layers(int8.model.decoder)
+    assert int8.quantize == "int8" and plain.quantize is None
+    want = plain.caption(images, beam_size=3)
+    got = int8.caption(images, beam_size=3)
+    same = [r.caption == w.caption for r, w in zip(got, want, strict=True)]
+    assert sum(same) >= 20, [(r.caption, w.caption) for r, w in zip(got, want) if r != w]
+    # The weights changed: the log-probabilities of a same caption are close, not equal.
+    i = same.index(True)
+    assert got[i].token_logprobs != want[i].token_logprobs
+    assert got[i].token_logprobs == pytest.approx(want[i].token_logprobs, abs=0.05)
+
+
+def test_int8_answerer_gives_nearly_the_float_answers(images):
+    questions = [s.questions[i % len(s.questions)].question for i, s in enumerate(SCENES)]
+    plain = Answerer.load(DEFAULT_VQA_MODEL)
+    int8 = Answerer.load(DEFAULT_VQA_MODEL, quantize="int8")
+    # All but the glimpse scores and the classifier's first layer (see INT8_KEEP_FLOAT).
+    assert _float_layers(int8.model) == ["attend.score", "classifier.1"]
+    want = [r.answer for r in plain.answer(images, questions)]
+    got = [r.answer for r in int8.answer(images, questions)]
+    assert sum(a == b for a, b in zip(got, want, strict=True)) >= 22, (got, want)
+
+
+def test_a_quantized_model_is_not_saved_and_bad_values_are_clear_errors(tmp_path):
+    int8 = Captioner.load(DEFAULT_CAPTION_MODEL, quantize="int8")
+    with pytest.raises(ValueError, match="cannot be saved"):
+        int8.save(tmp_path / "m")
+    assert not (tmp_path / "m").exists()
+    with pytest.raises(ValueError, match="'int4'"):
+        Captioner.load(DEFAULT_CAPTION_MODEL, quantize="int4")
+    with pytest.raises(ValueError, match="CPU only"):
+        Answerer.load(DEFAULT_VQA_MODEL, device="cuda", quantize="int8")
+    assert quantize_model(int8.model, None) is int8.model
+
+
+def test_cli_quantize_flag_prints_the_int8_captions_and_answers(tmp_path, images, capsys):
+    images[0].save(tmp_path / "a.png")
+    path = str(tmp_path / "a.png")
+    assert cli_main(["caption", path, "--quantize", "int8"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    [want] = Captioner.load(DEFAULT_CAPTION_MODEL, quantize="int8").caption([path])
+    assert printed["caption"] == want.caption
+    assert printed["token_logprobs"] == pytest.approx(want.token_logprobs, abs=1e-6)
+    question = SCENES[0].questions[0].question
+    assert cli_main(["ask", path, question, "--quantize", "int8", "--top-k", "2"]) == 0
+    answer = json.loads(capsys.readouterr().out)
+    [want] = Answerer.load(DEFAULT_VQA_MODEL, quantize="int8").answer([path], [question], 2)
+    assert answer["answer"] == want.answer
+    assert answer["confidence"] == pytest.approx(want.confidence, abs=1e-6)
+
+
+def test_the_service_loads_int8_models_when_quantize_is_set(images):
+    app = create_app(settings(caption_model=DEFAULT_CAPTION_MODEL, quantize="int8"))
+    buf = io.BytesIO()
+    images[1].save(buf, format="PNG")
+    with TestClient(app) as client:
+        assert app.state.services["captioner"].captioner.quantize == "int8"
+        response = client.post("/caption", files={"image": ("a.png", buf.getvalue())})
+    assert response.status_code == 200
+    [want] = Captioner.load(DEFAULT_CAPTION_MODEL, quantize="int8").caption([buf.getvalue()])
+    assert response.json()["caption"] == want.caption
+    torch.testing.assert_close(
+        torch.tensor(response.json()["token_logprobs"]), torch.tensor(want.token_logprobs)
+    )
