@@ -150,3 +150,16 @@ def test_hard_attention_options_are_checked():
         )
     with pytest.raises(ValueError, match="hard_inference must be one of"):
         DecoderConfig(vocab_size=5, feature_dim=4, grid_cells=4, hard_inference="mode")
+
+
+def test_a_hard_attention_beam_search_reads_each_beams_own_image():
+    """With the most likely cell at inference, beams of a batch read their own image's cell: the
+    batched search gives each image's captions as searching it alone does."""
+    from captioner.caption.search import beam_search
+
+    model = tiny_model(hard_attention=True, hard_inference="argmax").eval()
+    feats = model.features(torch.randn(3, 3, 32, 32))
+    batched = beam_search(model.decoder, feats, beam_size=3, max_length=6)
+    for i in range(3):
+        alone = beam_search(model.decoder, feats[i : i + 1], beam_size=3, max_length=6)[0]
+        assert [h.tokens for h in batched[i]] == [h.tokens for h in alone]
