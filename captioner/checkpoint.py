@@ -28,7 +28,7 @@ from typing import Any
 import torch
 from torch.overrides import TorchFunctionMode
 
-from .files import atomic_dir, file_mode
+from .files import atomic_dir, file_mode, fsync_dir
 
 FORMAT_VERSION = 1
 CONFIG, WEIGHTS, TRAINING = "config.json", "model.safetensors", "training.json"
@@ -138,7 +138,7 @@ def recover_model_dir(path: str | Path) -> None:
             old = p / path.name
             if p.name.startswith(_old_prefix(path)) and not p.is_symlink() and os.path.lexists(old):
                 os.replace(old, path)
-                _fsync_dir(path.parent)
+                fsync_dir(path.parent)
                 break
     for p in stale:
         _remove(p)
@@ -421,14 +421,3 @@ def _exchange(a: Path, b: Path) -> bool:
 def _fsync(file: Path) -> None:
     with open(file, "rb") as f:
         os.fsync(f.fileno())
-
-
-def _fsync_dir(folder: Path) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

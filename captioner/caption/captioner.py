@@ -21,16 +21,19 @@ from captioner.caption.caption_net import CaptionNet
 from captioner.caption.decoder import DecoderConfig
 from captioner.caption.search import Hypothesis, beam_search, greedy, sample
 from captioner.card import CARD, ModelCard, card_from_training, read_card
-from captioner.checkpoint import ModelDirError, build_checked, load_model_dir, save_model_dir
+from captioner.checkpoint import ModelDirError, build_checked, load_model_dir
 from captioner.domain import DomainStats, attach, load_domain
 from captioner.encoder import EncoderConfig
 from captioner.image import ImageInput, as_images, preprocess_batch
+from captioner.model_folder import ModelFolder
 from captioner.quantize import check_quantize, quantize_model
 from captioner.results import CaptionResult
 from captioner.vocab import Vocabulary
 
 
-class Captioner:
+class Captioner(ModelFolder):
+    what = "a captioner"
+
     def __init__(
         self,
         model: CaptionNet,
@@ -120,24 +123,6 @@ class Captioner:
             CARD: card.to_dict(),
             **(self.domain.files() if self.domain is not None else {}),
         }
-
-    def tensor_files(self) -> dict[str, dict[str, torch.Tensor]]:
-        """The `*.safetensors` files of a model folder besides the weights."""
-        return self.domain.tensor_files() if self.domain is not None else {}
-
-    def save(self, path: str | Path, training: dict | None = None) -> Path:
-        if self.quantize is not None:
-            raise ValueError(
-                f"a captioner loaded with quantize={self.quantize!r} cannot be saved: model "
-                "folders hold float weights (save the captioner loaded without quantize)"
-            )
-        return save_model_dir(
-            path,
-            self.config(),
-            self.model.state_dict(),
-            self.files(training),
-            self.tensor_files(),
-        )
 
     def metadata(self) -> dict[str, Any]:
         enc, dec = self.model.encoder.config, self.model.decoder.config

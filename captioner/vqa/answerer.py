@@ -25,7 +25,7 @@ import torch
 from PIL import Image
 
 from captioner.card import CARD, ModelCard, card_from_training, read_card
-from captioner.checkpoint import ModelDirError, build_checked, load_model_dir, save_model_dir
+from captioner.checkpoint import ModelDirError, build_checked, load_model_dir
 from captioner.domain import DomainStats, attach, load_domain
 from captioner.encoder import EncoderConfig
 from captioner.image import (
@@ -36,6 +36,7 @@ from captioner.image import (
     preprocess,
     preprocess_batch,
 )
+from captioner.model_folder import ModelFolder
 from captioner.quantize import check_quantize, quantize_model
 from captioner.results import AnswerResult
 from captioner.vocab import Vocabulary
@@ -71,7 +72,9 @@ def encode_questions(
     return out
 
 
-class Answerer:
+class Answerer(ModelFolder):
+    what = "a VQA model"
+
     def __init__(
         self,
         model: VQANet,
@@ -181,24 +184,6 @@ class Answerer:
             CARD: card.to_dict(),
             **(self.domain.files() if self.domain is not None else {}),
         }
-
-    def tensor_files(self) -> dict[str, dict[str, torch.Tensor]]:
-        """The `*.safetensors` files of a model folder besides the weights."""
-        return self.domain.tensor_files() if self.domain is not None else {}
-
-    def save(self, path: str | Path, training: dict | None = None) -> Path:
-        if self.quantize is not None:
-            raise ValueError(
-                f"a VQA model loaded with quantize={self.quantize!r} cannot be saved: model "
-                "folders hold float weights (save the model loaded without quantize)"
-            )
-        return save_model_dir(
-            path,
-            self.config(),
-            self.model.state_dict(),
-            self.files(training),
-            self.tensor_files(),
-        )
 
     def metadata(self) -> dict[str, Any]:
         enc, c = self.model.encoder.config, self.model.config
