@@ -55,6 +55,8 @@ class EncoderConfig:
     @classmethod
     def from_dict(cls, saved: dict) -> EncoderConfig:
         """A model folder's encoder; one saved before `centred` existed has the off-centre grid."""
+        if not isinstance(saved, dict):
+            raise TypeError(f"the encoder config must be a mapping, got {type(saved).__name__}")
         return cls(**{"centred": False, **saved})
 
 

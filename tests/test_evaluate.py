@@ -28,6 +28,8 @@ KEYS = {
     "grounded_words",
     "object_accuracy",
     "scene_accuracy",
+    "relation_accuracy",
+    "relation_scenes",
     "n_images",
     "beam_size",
     "max_length",
