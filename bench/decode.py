@@ -244,32 +244,30 @@ def bench_decode_floor(args, decoder, features, device) -> dict:
 
 
 def bench_beam(args, decoder, features, device, beam: int, batches: tuple[int, ...]) -> dict:
-    """Batched beam search against one image at a time, with identical captions."""
+    """Batched beam search against one image at a time, with identical captions; the loop and
+    the batched runs alternate (--repeat rounds, best of each), so load bursts hit both."""
 
     def loop():
         return [
             beam_search(decoder, features[i : i + 1], beam, 20)[0] for i in range(len(features))
         ]
 
-    # The loop is the slow side: its first run is both the reference and a timing.
-    started = time.perf_counter()
-    reference = _tokens(loop())
-    loop_s = time.perf_counter() - started
-    if args.repeat > 1:
-        loop_s = min(loop_s, best_time(loop, device, repeat=args.repeat - 1, warmup=0))
-    speedup, identical = {}, True
+    runs = {"loop": loop}
     for batch in batches:
         chunks = [features[i : i + batch] for i in range(0, len(features), batch)]
-
-        def batched(chunks=chunks):
-            return [h for c in chunks for h in beam_search(decoder, c, beam, 20)]
-
-        identical &= _tokens(batched()) == reference
-        seconds = best_time(batched, device, repeat=args.repeat, warmup=0)
-        speedup[str(batch)] = loop_s / seconds
+        runs[batch] = lambda chunks=chunks: [
+            h for c in chunks for h in beam_search(decoder, c, beam, 20)
+        ]
+    reference = _tokens(loop())
+    identical = all(_tokens(run()) == reference for run in runs.values())
+    times = _side_by_side(runs, device, args.repeat, warm=False)
+    speedup = {}
+    for batch in batches:
+        speedup[str(batch)] = times["loop"] / times[batch]
         print(
-            f"beam {beam} batch {batch:>2}: {len(features) / seconds:7.1f} images/s "
-            f"({speedup[str(batch)]:.2f}x one image at a time, {len(features) / loop_s:.1f}/s)"
+            f"beam {beam} batch {batch:>2}: {len(features) / times[batch]:7.1f} images/s "
+            f"({speedup[str(batch)]:.2f}x one image at a time, "
+            f"{len(features) / times['loop']:.1f}/s)"
         )
     return {"speedup": speedup, "identical": identical}
 
@@ -349,10 +347,10 @@ def bench_step(decoder, features, device, compile: bool = True) -> dict:
     return out
 
 
-def _side_by_side(fns: dict, device, repeat: int) -> dict[str, float]:
+def _side_by_side(fns: dict, device, repeat: int, warm: bool = True) -> dict:
     """Best time of each fn, alternating them so load bursts hit all alike."""
     best = dict.fromkeys(fns, math.inf)
-    for fn in fns.values():
+    for fn in fns.values() if warm else ():
         fn()
     for _ in range(repeat):
         for name, fn in fns.items():
