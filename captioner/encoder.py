@@ -116,6 +116,16 @@ class Encoder(nn.Module):
                 block.eval()
         return self
 
+    def grid_of(self, images_or_features: torch.Tensor) -> torch.Tensor:
+        """Images (B, 3, H, W) go through the CNN; precomputed grids (B, L, D) pass as they are."""
+        if images_or_features.dim() == 4:
+            return self(images_or_features)[0]
+        if images_or_features.dim() == 3:
+            return images_or_features
+        raise ValueError(
+            f"expected images (B, 3, H, W) or features (B, L, D), got {tuple(images_or_features.shape)}"
+        )
+
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if images.dim() != 4 or images.shape[1] != 3:
             raise ValueError(f"images must be (B, 3, H, W), got {tuple(images.shape)}")

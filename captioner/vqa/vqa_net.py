@@ -245,13 +245,7 @@ class VQANet(nn.Module):
 
     def features(self, images_or_features: torch.Tensor) -> torch.Tensor:
         """Images (B, 3, H, W) go through the encoder; grids (B, L, D) pass as they are."""
-        if images_or_features.dim() == 4:
-            return self.encoder(images_or_features)[0]
-        if images_or_features.dim() == 3:
-            return images_or_features
-        raise ValueError(
-            f"expected images (B, 3, H, W) or features (B, L, D), got {tuple(images_or_features.shape)}"
-        )
+        return self.encoder.grid_of(images_or_features)
 
     def prepare(self, features: torch.Tensor) -> torch.Tensor:
         """Encoder grids (B, L, D) -> what every question about those images reads (B, L, M):
