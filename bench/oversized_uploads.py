@@ -24,10 +24,7 @@ import argparse
 import http.client
 import json
 import socket
-import subprocess
-import sys
 import tempfile
-import time
 import urllib.error
 import urllib.request
 import uuid
@@ -35,7 +32,7 @@ from collections import Counter
 from pathlib import Path
 
 import httpx
-from procs import free_port, stop_server
+from procs import start_server, stop_server
 
 PIECE = 256 * 1024
 
@@ -111,33 +108,13 @@ def outcome(client, url: str, size: int) -> str:
     )
 
 
-def start(log: Path) -> tuple[subprocess.Popen, str]:
-    port = free_port()
-    command = [sys.executable, "-m", "api.cli", "serve", "--host", "127.0.0.1"]
-    with log.open("wb") as out:
-        proc = subprocess.Popen(
-            [*command, "--port", str(port)], stdout=out, stderr=subprocess.STDOUT
-        )
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and proc.poll() is None:
-        try:
-            if httpx.get(url + "/ready", timeout=2).status_code == 200:
-                return proc, url
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.25)
-    stop_server(proc)
-    raise RuntimeError(f"the server did not get ready:\n{log.read_text()[-2000:]}")
-
-
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--tries", type=int, default=12)
     parser.add_argument("--sizes", type=float, nargs="+", default=[10.2, 11, 15, 30])
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
-        proc, url = start(Path(tmp) / "server.log")
+        proc, url = start_server(Path(tmp) / "server.log")
         try:
             failures: Counter[str] = Counter()
             answered = total = 0

@@ -1,12 +1,16 @@
 """What the benchmarks that start a real server share: a free loopback port, the server process's
-memory and CPU time from /proc, and a graceful stop."""
+memory and CPU time from /proc, starting the service until it is ready, and a graceful stop."""
 
 from __future__ import annotations
 
 import os
 import socket
 import subprocess
+import sys
+import time
 from pathlib import Path
+
+import httpx
 
 
 def free_port() -> int:
@@ -36,3 +40,23 @@ def stop_server(proc: subprocess.Popen) -> None:
     except subprocess.TimeoutExpired:
         proc.kill()
         proc.wait()
+
+
+def start_server(log: Path, env: dict[str, str] | None = None) -> tuple[subprocess.Popen, str]:
+    """`captioner serve` on a free loopback port, its output in `log`; (process, base URL) once
+    GET /ready answers 200 (within 120 s, else the log's tail in the error)."""
+    port = free_port()
+    command = [sys.executable, "-m", "api.cli", "serve", "--host", "127.0.0.1", "--port", str(port)]
+    with log.open("wb") as out:
+        proc = subprocess.Popen(command, env=env, stdout=out, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and proc.poll() is None:
+        try:
+            if httpx.get(url + "/ready", timeout=2).status_code == 200:
+                return proc, url
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.25)
+    stop_server(proc)
+    raise RuntimeError(f"the server did not get ready:\n{log.read_text()[-2000:]}")

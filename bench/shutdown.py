@@ -30,7 +30,6 @@ import multiprocessing
 import os
 import signal
 import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -40,7 +39,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 from PIL import Image, ImageDraw
-from procs import free_port, stop_server
+from procs import start_server, stop_server
 
 QUESTION = "what color is the circle?"
 
@@ -95,24 +94,8 @@ def request(client: httpx.Client, url: str, index: int, image: bytes) -> str:
 
 
 def start(args: argparse.Namespace, log: Path) -> tuple[subprocess.Popen, str]:
-    port = free_port()
     env = {**os.environ, "CAPTIONER_SHUTDOWN_GRACE_S": str(args.grace), "CAPTIONER_API_KEY": ""}
-    command = [sys.executable, "-m", "api.cli", "serve", "--host", "127.0.0.1"]
-    with log.open("wb") as out:
-        proc = subprocess.Popen(
-            [*command, "--port", str(port)], env=env, stdout=out, stderr=subprocess.STDOUT
-        )
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and proc.poll() is None:
-        try:
-            if httpx.get(url + "/ready", timeout=2).status_code == 200:
-                return proc, url
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.25)
-    stop_server(proc)
-    raise RuntimeError(f"the server did not get ready:\n{log.read_text()[-2000:]}")
+    return start_server(log, env)
 
 
 def main(argv: list[str] | None = None) -> None:
