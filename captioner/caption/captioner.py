@@ -24,7 +24,7 @@ from captioner.card import CARD, ModelCard, card_from_training, read_card
 from captioner.checkpoint import ModelDirError, build_checked, load_model_dir
 from captioner.domain import DomainStats, attach, load_domain
 from captioner.encoder import EncoderConfig
-from captioner.image import ImageInput, as_images, preprocess_batch
+from captioner.image import ImageInput
 from captioner.model_folder import ModelFolder
 from captioner.quantize import check_quantize, quantize_model
 from captioner.results import CaptionResult
@@ -137,20 +137,10 @@ class Captioner(ModelFolder):
             "attention": dec.attention,
             "attention_grid": [h, w] if dec.attention else None,
             "vocabulary_size": len(self.vocab),
-            "training_data": self.training.get("data"),
-            "metrics": self.training.get("metrics"),
-            "card": self.card.to_dict(),
-            "domain": None if self.domain is None else self.domain.summary(),
+            **self.folder_metadata(),
         }
 
     # -- inference -----------------------------------------------------------------------------
-    @property
-    def input_size(self) -> int:
-        return self.model.encoder.config.input_size
-
-    def preprocess(self, images: Sequence[ImageInput]) -> torch.Tensor:
-        return preprocess_batch(as_images(images), self.input_size)
-
     @torch.inference_mode()
     def encode(self, batch: torch.Tensor) -> torch.Tensor:
         """Preprocessed images (B, 3, S, S) -> grid features (B, L, D) on this captioner's device."""

@@ -34,7 +34,6 @@ from captioner.image import (
     UnreadableImageError,
     as_images,
     preprocess,
-    preprocess_batch,
 )
 from captioner.model_folder import ModelFolder
 from captioner.quantize import check_quantize, quantize_model
@@ -200,23 +199,13 @@ class Answerer(ModelFolder):
             "glimpses": c.glimpses if c.attention else 0,
             "num_answers": len(self.answers),
             "vocabulary_size": len(self.question_vocab),
-            "training_data": self.training.get("data"),
-            "metrics": self.training.get("metrics"),
-            "card": self.card.to_dict(),
-            "domain": None if self.domain is None else self.domain.summary(),
+            **self.folder_metadata(),
         }
 
     # -- inference -----------------------------------------------------------------------------
     @property
-    def input_size(self) -> int:
-        return self.model.encoder.config.input_size
-
-    @property
     def grid_hw(self) -> tuple[int, int]:
         return self.model.grid_hw
-
-    def preprocess(self, images: Sequence[ImageInput]) -> torch.Tensor:
-        return preprocess_batch(as_images(images), self.input_size)
 
     @torch.inference_mode()
     def encode(self, batch: torch.Tensor) -> torch.Tensor:
