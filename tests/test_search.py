@@ -4,6 +4,8 @@ import torch
 from captioner.caption.captioner import Captioner
 from captioner.caption.search import (
     Hypothesis,
+    Watch,
+    Word,
     _log_probs,
     _reorder,
     beam_search,
@@ -297,3 +299,129 @@ def test_beams_wider_than_the_vocabulary_match_per_beam_copies():
     feats = 5 * torch.randn(3, 16, 16)
     got = beam_search(net.decoder, feats, beam_size=6, max_length=5, n_best=3)
     _assert_same_hypotheses(got, _per_beam_copies_beam_search(net.decoder, feats, 6, 5, 3))
+
+
+class _Recorder(Watch):
+    """Every word a search tells, with the decoder step it was told after; stops images after
+    a number of words on request. Counts steps by wrapping `decoder.step` while in use."""
+
+    def __init__(self, decoder, stop_after_words: dict[int, int] | None = None):
+        self.decoder = decoder
+        self.heard: dict[int, list[tuple[int, Word]]] = {}
+        self.steps = 0
+        self.asked: list[tuple[int, int]] = []  # (step, image) of each `wanted` call
+        self.stop_after_words = stop_after_words or {}
+
+    def __enter__(self):
+        step = self.decoder.step
+
+        def counting(*args):
+            self.steps += 1
+            return step(*args)
+
+        self.decoder.step = counting
+        return self
+
+    def __exit__(self, *exc):
+        del self.decoder.step
+
+    def words(self, image, words):
+        self.heard.setdefault(image, []).extend((self.steps, w) for w in words)
+
+    def wanted(self, image):
+        self.asked.append((self.steps, image))
+        limit = self.stop_after_words.get(image)
+        return limit is None or len(self.heard.get(image, [])) < limit
+
+
+def _sharp_random_decoder(seed=3, **variant):
+    net = tiny_model(seed=seed, **variant).eval()
+    with torch.no_grad():  # sharper words and a likelier <end>: captions end at 0..12 words
+        net.decoder.out.weight.mul_(5.0)
+        net.decoder.out.bias[END] = 1.0
+    torch.manual_seed(1)
+    return net.decoder, 5 * torch.randn(8, 16, 16)
+
+
+def _assert_heard_is_result(recorder, hyps):
+    for image, hyp in enumerate(hyps):
+        heard = [w for _, w in recorder.heard.get(image, [])]
+        assert [w.position for w in heard] == list(range(len(hyp.tokens)))
+        assert [w.token for w in heard] == hyp.tokens
+        assert [w.logprob for w in heard] == hyp.token_logprobs
+        if hyp.attention is None:
+            assert all(w.attention is None for w in heard)
+        elif heard:
+            assert torch.equal(torch.stack([w.attention for w in heard]), hyp.attention)
+
+
+@pytest.mark.parametrize("beam_size", [1, 3, 5])
+@pytest.mark.parametrize("model", ["demo", "random", "random-no-attention"])
+def test_watched_words_are_the_final_captions_and_come_while_searching(
+    model, beam_size, demo_features
+):
+    """A watch hears each image's words once, in order, equal to the returned hypothesis (tokens,
+    log-probs, attention bit for bit); watching changes nothing; and words come before the end:
+    beam 1 a word per step, wider beams as soon as every hypothesis that can still win agrees."""
+    if model == "demo":
+        (decoder, feats), max_length = demo_features, 20
+    else:
+        decoder, feats = _sharp_random_decoder(
+            **({"attention": False} if model == "random-no-attention" else {})
+        )
+        max_length = 12
+    with _Recorder(decoder) as recorder:
+        got = beam_search(decoder, feats, beam_size, max_length, watch=recorder)
+    _assert_same_hypotheses(got, beam_search(decoder, feats, beam_size, max_length))
+    _assert_heard_is_result(recorder, [hs[0] for hs in got])
+    if beam_size == 1:  # greedy: word p is told right after step p + 1 picked it
+        for heard in recorder.heard.values():
+            assert [step for step, _ in heard] == [w.position + 1 for _, w in heard]
+    if beam_size > 1 and model == "demo":
+        # Some first words are fixed (every live beam agrees) before their caption is done.
+        done_at = [len(hs[0].tokens) + 1 for hs in got]
+        assert any(recorder.heard[i][0][0] < done_at[i] for i in range(len(got)))
+
+
+@pytest.mark.parametrize("method", ["greedy", "sample"])
+def test_greedy_and_sampling_tell_every_word_at_its_step(method):
+    decoder, feats = _sharp_random_decoder()
+    recorder = _Recorder(decoder).__enter__()
+    if method == "greedy":
+        hyps = greedy(decoder, feats, 12, watch=recorder)
+        assert [h.tokens for h in hyps] == [h.tokens for h in greedy(decoder, feats, 12)]
+    else:
+        gen = torch.Generator().manual_seed(5)
+        hyps = sample(decoder, feats, 12, generator=gen, watch=recorder)
+        again = sample(decoder, feats, 12, generator=torch.Generator().manual_seed(5))
+        assert [h.tokens for h in hyps] == [h.tokens for h in again]
+    recorder.__exit__()
+    _assert_heard_is_result(recorder, hyps)
+    for heard in recorder.heard.values():
+        assert [step for step, _ in heard] == [w.position + 1 for _, w in heard]
+
+
+@pytest.mark.parametrize("beam_size", [1, 3])
+def test_a_watch_that_stops_wanting_an_image_ends_its_search(beam_size, demo_features):
+    """Images the watch drops hear no more words and stop costing steps; the others get the
+    same captions as without the watch; once nobody is wanted the search ends."""
+    decoder, feats = demo_features
+    want = beam_search(decoder, feats, beam_size, 20)
+    # Images 3 and 6 (one object each) have their first word fixed early at beam 1 and 3.
+    with _Recorder(decoder, stop_after_words={3: 1, 6: 1}) as recorder:
+        got = beam_search(decoder, feats, beam_size, 20, watch=recorder)
+    # Told words stop at the limit (a step may tell several at once); then it is never asked
+    # about again: it left the search.
+    for image, limit in ((3, 1), (6, 1)):
+        told = recorder.heard[image]
+        assert limit <= len(told) < len(want[image][0].tokens)
+        last_told = told[limit - 1][0]
+        asked = [step for step, i in recorder.asked if i == image]
+        assert asked[-1] == last_told + 1  # asked once more, after the step that told it
+        assert all(step <= last_told for step, _ in told)
+    others = [i for i in range(len(feats)) if i not in (3, 6)]
+    _assert_same_hypotheses([got[i] for i in others], [want[i] for i in others])
+
+    with _Recorder(decoder, stop_after_words=dict.fromkeys(range(len(feats)), 1)) as nobody:
+        beam_search(decoder, feats, beam_size, 20, watch=nobody)
+    assert nobody.steps <= 3 < recorder.steps

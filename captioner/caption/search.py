@@ -3,6 +3,10 @@
 Every function takes a `CaptionDecoder` and encoder features (B, L, D) and returns, per image,
 `Hypothesis` objects with word ids, per-word log-probabilities and per-word attention maps. All of
 them stop at `max_length`, so a caption comes back even when `<end>` is never the best token.
+
+A `Watch` hears each image's words while the search runs, as soon as they are fixed (greedy and
+sampling: every step; beam search: the prefix that every hypothesis still able to win shares), and
+can drop an image nobody waits for any more (the service's streamed captions).
 """
 
 from __future__ import annotations
@@ -25,6 +29,52 @@ class Hypothesis:
     attention: torch.Tensor | None  # (len(tokens), L), or None for a model without attention
     score: float  # log-probability of the whole caption (with <end>), length-normalised if asked
     finished: bool  # False when cut at max_length before <end>
+
+
+@dataclass(frozen=True)
+class Word:
+    """A word the search has fixed: the final caption holds it at `position`, whatever comes next."""
+
+    position: int  # 0-based place in the caption
+    token: int
+    logprob: float
+    attention: torch.Tensor | None  # (L,) on the CPU, or None for a model without attention
+
+
+class Watch:
+    """What a caller hears of a running search. Both methods run in the search's thread.
+
+    `words(image, words)` gets image `image`'s newly fixed words, in caption order; over the whole
+    search an image's words are exactly its final caption's tokens, with their log-probabilities
+    and attention. `wanted(image)` is asked after every step: False drops the image from the
+    search at once (its result is then whatever the search had, and no more words come).
+    """
+
+    def words(self, image: int, words: list[Word]) -> None:
+        pass
+
+    def wanted(self, image: int) -> bool:
+        return True
+
+
+def _words(
+    tokens: list[int], logps: list[float], alphas: torch.Tensor | None, start: int
+) -> list[Word]:
+    """Words `start`.. of one hypothesis's tokens, log-probs and (T, L) attention."""
+    return [
+        Word(p, tokens[p], float(logps[p]), None if alphas is None else alphas[p].float().cpu())
+        for p in range(start, len(tokens))
+    ]
+
+
+def _shared(a: list[int], b: list[int]) -> int:
+    """Length of the common prefix of two token lists."""
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
 
 
 def _check(features: torch.Tensor, max_length: int) -> None:
@@ -52,9 +102,14 @@ def _reorder(state: State, rows: torch.Tensor) -> State:
 
 @torch.inference_mode()
 def greedy(
-    decoder: CaptionDecoder, features: torch.Tensor, max_length: int = 20
+    decoder: CaptionDecoder,
+    features: torch.Tensor,
+    max_length: int = 20,
+    watch: Watch | None = None,
 ) -> list[Hypothesis]:
-    return _sample_loop(decoder, features, max_length, pick=lambda logp: logp.argmax(dim=1))
+    return _sample_loop(
+        decoder, features, max_length, pick=lambda logp: logp.argmax(dim=1), watch=watch
+    )
 
 
 @torch.inference_mode()
@@ -65,6 +120,7 @@ def sample(
     temperature: float = 1.0,
     top_k: int = 0,
     generator: torch.Generator | None = None,
+    watch: Watch | None = None,
 ) -> list[Hypothesis]:
     """Ancestral sampling from softmax(logits / temperature), restricted to the top_k words if > 0."""
     if temperature <= 0:
@@ -79,11 +135,15 @@ def sample(
             logits = logits.masked_fill(logits < kth, float("-inf"))
         return torch.multinomial(logits.softmax(dim=1), 1, generator=generator).squeeze(1)
 
-    return _sample_loop(decoder, features, max_length, pick)
+    return _sample_loop(decoder, features, max_length, pick, watch)
 
 
 def _sample_loop(
-    decoder: CaptionDecoder, features: torch.Tensor, max_length: int, pick
+    decoder: CaptionDecoder,
+    features: torch.Tensor,
+    max_length: int,
+    pick,
+    watch: Watch | None = None,
 ) -> list[Hypothesis]:
     _check(features, max_length)
     B = features.shape[0]
@@ -92,13 +152,15 @@ def _sample_loop(
     prev = torch.full((B,), START, dtype=torch.long, device=features.device)
     words, logps, alphas = [], [], []
     done = torch.zeros(B, dtype=torch.bool, device=features.device)
-    for _ in range(max_length):
+    for t in range(max_length):
         logits, alpha, state = decoder.step(memory, state, prev)
         logp = _log_probs(logits)  # (B, V)
         prev = pick(logp)
         words.append(prev)
         logps.append(logp.gather(1, prev.unsqueeze(1)).squeeze(1))
         alphas.append(alpha)
+        if watch is not None:
+            done |= _tell_step(watch, t, prev, logps[-1], alpha, done)
         done |= prev == END
         if bool(done.all()):
             break
@@ -114,6 +176,26 @@ def _sample_loop(
     return out
 
 
+def _tell_step(
+    watch: Watch,
+    t: int,
+    picked: torch.Tensor,
+    logp: torch.Tensor,
+    alpha: torch.Tensor | None,
+    done: torch.Tensor,
+) -> torch.Tensor:
+    """Greedy and sampling fix a word per step: tell the watch each running image's word (not
+    `<end>`); returns which images it no longer wants."""
+    picked_l, logp_l, done_l = picked.tolist(), logp.tolist(), done.tolist()
+    stop = []
+    for i, (token, lp, was_done) in enumerate(zip(picked_l, logp_l, done_l)):
+        if not was_done and token != END:
+            att = None if alpha is None else alpha[i].float().cpu()
+            watch.words(i, [Word(t, token, lp, att)])
+        stop.append(not was_done and not watch.wanted(i))
+    return torch.tensor(stop, dtype=torch.bool, device=done.device)
+
+
 def length_penalty_factor(length: int, alpha: float) -> float:
     """GNMT length normalisation (Wu et al., 2016): ((5 + |Y|) / 6) ** alpha; 1 when alpha is 0."""
     return ((5.0 + length) / 6.0) ** alpha
@@ -127,6 +209,7 @@ def beam_search(
     max_length: int = 20,
     length_penalty: float = 0.0,
     n_best: int = 1,
+    watch: Watch | None = None,
 ) -> list[list[Hypothesis]]:
     """Beam search over all images at once; returns the `n_best` hypotheses per image, best first.
 
@@ -163,6 +246,7 @@ def beam_search(
     alphas = torch.empty(B * width, 0, L, device=device) if decoder.config.attention else None
     active = list(range(B))  # the image in each slot of the memory (its first len(active))
     finished: list[list[Hypothesis]] = [[] for _ in range(B)]
+    told = [0] * B  # words of each image the watch has heard
     bound = length_penalty_factor(max_length, length_penalty)
     for t in range(max_length):
         logits, alpha, state = decoder.step(memory, state, prev)
@@ -208,11 +292,17 @@ def beam_search(
         # Which images are done: k finished and no live beam can still beat the k-th of them.
         best_alive = (scores.max(dim=1).values / bound).tolist()
         last = t == max_length - 1
+        if watch is not None:  # the words all live beams of each image share, and the worst
+            live = tokens.view(n, k, -1)
+            live_shared = (live == live[:, :1]).all(dim=1).long().cumprod(dim=1).sum(1).tolist()
+            worst = scores.min(dim=1).values / length_penalty_factor(t + 1, length_penalty)
+            live_worst = worst.tolist()
         still = []
         for i, img in enumerate(active):
             fin = sorted(finished[img], key=lambda h: -h.score)[:k]
             finished[img] = fin
-            if last:
+            stop = watch is not None and not watch.wanted(img)
+            if last or stop:
                 if len(fin) < n_best:  # cut at max_length: the live beams become results
                     for j in range(k):
                         raw = float(scores[i, j])
@@ -228,8 +318,25 @@ def beam_search(
                                 False,
                             )
                         )
-            elif not (len(fin) >= k and best_alive[i] <= fin[-1].score):
+                done = True
+            else:
+                done = len(fin) >= k and best_alive[i] <= fin[-1].score
+            if not done:
                 still.append(i)
+            if watch is not None and not stop:
+                told[img] = _tell_beam(
+                    watch,
+                    img,
+                    told[img],
+                    done,
+                    fin,
+                    live_shared[i],
+                    live_worst[i],
+                    i * k,
+                    tokens,
+                    logps,
+                    alphas,
+                )
         if not still:
             break
         if len(still) < n:
@@ -244,6 +351,47 @@ def beam_search(
             scores = scores[keep]
             active = [active[i] for i in order]
     return [sorted(f, key=lambda h: -h.score)[:n_best] for f in finished]
+
+
+def _tell_beam(
+    watch: Watch,
+    img: int,
+    told: int,
+    done: bool,
+    fin: list[Hypothesis],
+    live_shared: int,
+    live_worst: float,
+    row: int,
+    tokens: torch.Tensor,
+    logps: torch.Tensor,
+    alphas: torch.Tensor | None,
+) -> int:
+    """Tell the watch image `img`'s words from the `told`-th on that the search commits to;
+    returns how many it has told in all.
+
+    Once the image is done, that is the rest of its best hypothesis. Before, it is the prefix its
+    live beams (the first at `row`) all share, `live_shared` words, cut where the best finished
+    hypothesis `fin[0]` departs from it unless that one scores below every live beam
+    (`live_worst`): a caption that ended early with a poor score would win only if every live
+    beam's continuation fell below it, and waiting for that would hold back every word until
+    the end. Committing is exact otherwise: finished hypotheses that do not start with the told
+    words are dropped from `fin` (in place), so the result always starts with them.
+    Beams that share a prefix descend from the one row that held it, so its log-probs and
+    attention are the same in all of them and in the result."""
+    if done:
+        best = max(fin, key=lambda h: h.score)  # what `beam_search` returns first
+        watch.words(img, _words(best.tokens, best.token_logprobs, best.attention, told))
+        return len(best.tokens)
+    ahead = tokens[row].tolist()
+    fixed = live_shared
+    if fin and fin[0].score >= live_worst:
+        fixed = min(fixed, _shared(fin[0].tokens, ahead))
+    if fixed <= told:
+        return told
+    fin[:] = [h for h in fin if h.tokens[:fixed] == ahead[:fixed]]
+    att = None if alphas is None else alphas[row]
+    watch.words(img, _words(ahead[:fixed], logps[row].tolist(), att, told))
+    return fixed
 
 
 def _drop_images(memory: Memory, still: list[int]) -> tuple[Memory, list[int]]:
