@@ -422,6 +422,6 @@ def test_a_watch_that_stops_wanting_an_image_ends_its_search(beam_size, demo_fea
     others = [i for i in range(len(feats)) if i not in (3, 6)]
     _assert_same_hypotheses([got[i] for i in others], [want[i] for i in others])
 
-    with _Recorder(decoder, stop_after_words=dict.fromkeys(range(len(feats)), 1)) as nobody:
+    with _Recorder(decoder, stop_after_words=dict.fromkeys(range(len(feats)), 0)) as nobody:
         beam_search(decoder, feats, beam_size, 20, watch=nobody)
-    assert nobody.steps <= 3 < recorder.steps
+    assert nobody.steps == 1 < recorder.steps and not nobody.heard
