@@ -108,6 +108,7 @@ def body_limits(settings: Settings) -> Callable[[str], int]:
     single = settings.max_upload_bytes + FORM_OVERHEAD
     limits = {
         "/caption": single,
+        "/caption/stream": single,
         "/vqa": single,
         "/caption/batch": settings.max_batch_images * single,
     }

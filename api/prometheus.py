@@ -51,6 +51,13 @@ class Metrics:
         self.model_load_seconds = Gauge(
             "captioner_model_load_seconds", "Time taken to load the model", ["model"], registry=r
         )
+        self.streams = Counter(
+            "captioner_caption_streams",
+            "Streamed captions (POST /caption/stream) by how they ended once streaming: "
+            "completed, disconnected (the client left: its search stopped), timeout or error",
+            ["outcome"],
+            registry=r,
+        )
         self._caches: dict[str, FeatureCache] = {}
         r.register(_CacheCollector(self._caches))
 

@@ -191,3 +191,16 @@ ERRORS: dict[int | str, dict[str, Any]] = {
         504: "the request outlived its timeout",
     }.items()
 }
+
+STREAM_RESPONSE: dict[int | str, dict[str, Any]] = {
+    **ERRORS,
+    200: {
+        "description": '`text/event-stream`: `event: word` with data `{"index": int, '
+        '"token": str, "logprob": float, "probability": float, "attention": null | '
+        '{"height", "width", "map": [h][w]} | {"height", "width", "overlay": '
+        "base64 PNG}}` per word, in order, as the search fixes it; then `event: result` with the "
+        "body `POST /caption` returns; or, after the first event, `event: error` with "
+        '`{"detail": str, "status": int}`',
+        "content": {"text/event-stream": {"schema": {"type": "string"}}},
+    },
+}

@@ -2,7 +2,8 @@
 
 `CaptionService.run_batch` stacks every waiting image into one encoder pass, then decodes in one
 batched beam search per distinct (beam_size, max_length); each image's domain score comes from the
-same features. `VQAService.run_batch` goes through the
+same features. A streamed caption's job carries its `CaptionStream`, which hears its image's words
+from that same search. `VQAService.run_batch` goes through the
 answerer's own feature cache (`Answerer.image_memory`: cached images cost nothing, each distinct
 new image is encoded once), then answers in one pass per distinct top_k. Both run in the
 batcher's worker thread, never on the event loop.
@@ -17,12 +18,14 @@ from typing import Any
 import torch
 
 from captioner.caption.captioner import Captioner
+from captioner.caption.search import Watch, Word
 from captioner.results import AnswerResult, CaptionResult
 from captioner.vqa.answerer import Answerer
 
 from .batching import MicroBatcher
 from .prometheus import Metrics
 from .settings import Settings
+from .streaming import CaptionStream
 
 
 def _groups(keys: Sequence[Any]) -> dict[Any, list[int]]:
@@ -49,6 +52,23 @@ class CaptionJob:
     pixels: torch.Tensor  # (3, S, S)
     beam_size: int
     max_length: int
+    stream: CaptionStream | None = None  # a streamed caption: hears its words
+
+
+class _Streams(Watch):
+    """One search's watch: row i of the search is job `jobs[i]`; only streamed jobs listen."""
+
+    def __init__(self, jobs: Sequence[CaptionJob]):
+        self.streams = [job.stream for job in jobs]
+
+    def words(self, image: int, words: list[Word]) -> None:
+        stream = self.streams[image]
+        if stream is not None:
+            stream.words(0, words)
+
+    def wanted(self, image: int) -> bool:
+        stream = self.streams[image]
+        return stream is None or stream.wanted(0)
 
 
 class CaptionService:
@@ -78,8 +98,12 @@ class CaptionService:
                 [(job.beam_size, job.max_length) for job in jobs]
             ).items():
                 index = torch.tensor(rows, device=features.device)
+                group = [jobs[r] for r in rows]
                 decoded = self.captioner.caption_features(
-                    features.index_select(0, index), beam_size=beam_size, max_length=max_length
+                    features.index_select(0, index),
+                    beam_size=beam_size,
+                    max_length=max_length,
+                    watch=_Streams(group) if any(job.stream for job in group) else None,
                 )
                 for row, result in zip(rows, decoded, strict=True):
                     results[row] = result
@@ -91,6 +115,12 @@ class CaptionService:
         """Captions for preprocessed images, with the size of the batch each one ran in."""
         jobs = [CaptionJob(p, beam_size, max_length) for p in pixels]
         return await self.batcher.submit_many(jobs)
+
+    async def caption_streamed(
+        self, pixels: torch.Tensor, beam_size: int, max_length: int, stream: CaptionStream
+    ) -> tuple[CaptionResult, int]:
+        """One image's caption, its words told to `stream` as the search fixes them."""
+        return await self.batcher.submit(CaptionJob(pixels, beam_size, max_length, stream))
 
 
 @dataclass(frozen=True)

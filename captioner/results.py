@@ -3,10 +3,12 @@
 result.to_dict()                            # attention as {"height", "width", "maps": [T][h][w]}
 result.to_dict(AttentionFormat.png, image)  # attention as base64 PNG heatmaps over `image`
 result.to_dict(AttentionFormat.none)        # "attention": null
+word.to_dict()                              # one word of a streamed caption (`CaptionWord`)
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
@@ -80,6 +82,39 @@ class CaptionResult:
             "finished": self.finished,
             "domain_score": self.domain_score,
             "in_domain": self.in_domain,
+        }
+
+
+@dataclass
+class CaptionWord:
+    """One word of a caption, told as soon as the search has fixed it (`Captioner.caption(...,
+    watch=...)`); a caption's words are its `tokens`, log-probs and attention maps, in order."""
+
+    index: int  # its place in the caption's tokens
+    token: str
+    logprob: float
+    attention: np.ndarray | None  # (h, w), sums to 1; None without attention
+
+    def to_dict(
+        self,
+        attention: AttentionFormat | str = AttentionFormat.grid,
+        image: Image.Image | None = None,
+    ) -> dict[str, Any]:
+        """Attention as {"height", "width", "map": [h][w]} (grid, rounded as in `CaptionResult`)
+        or {"height", "width", "overlay": base64 PNG} (png), or None."""
+        fmt = AttentionFormat(attention)
+        payload = attention_payload(fmt, self.attention, image)
+        if payload is not None:  # its list of one map, as one map under the singular key
+            plural, one = (
+                ("maps", "map") if fmt is AttentionFormat.grid else ("overlays", "overlay")
+            )
+            [payload[one]] = payload.pop(plural)
+        return {
+            "index": self.index,
+            "token": self.token,
+            "logprob": self.logprob,
+            "probability": math.exp(self.logprob),
+            "attention": payload,
         }
 
 

@@ -1,17 +1,27 @@
-"""`POST /caption` and `POST /caption/batch`."""
+"""`POST /caption`, `POST /caption/batch` and `POST /caption/stream`."""
 
 from __future__ import annotations
 
+import asyncio
+import logging
+from collections.abc import AsyncIterator
 from typing import Annotated, Any
 
 from fastapi import APIRouter, File, HTTPException, Query, Request, UploadFile
+from fastapi.responses import StreamingResponse
+from PIL import Image
 from starlette.concurrency import run_in_threadpool
 
 from captioner.results import AttentionFormat
 
-from ..deps import ApiKeyDep, CaptionerDep, SettingsDep
-from ..schemas import ERRORS, CaptionBatchResponse, CaptionResponse
+from ..batching import BatcherClosedError, QueueFullError
+from ..deps import ApiKeyDep, CaptionerDep, MetricsDep, SettingsDep
+from ..prometheus import Metrics
+from ..schemas import ERRORS, STREAM_RESPONSE, CaptionBatchResponse, CaptionResponse
+from ..streaming import CaptionStream, sse, word_events
 from ..uploads import decoded_upload, with_timeout
+
+logger = logging.getLogger("captioner.api")
 
 router = APIRouter(tags=["caption"], dependencies=[ApiKeyDep], responses=ERRORS)
 
@@ -90,3 +100,91 @@ async def caption_batch(
         return {"results": await run_in_threadpool(bodies)}
 
     return await with_timeout(work(), settings.request_timeout_s)
+
+
+@router.post(
+    "/caption/stream",
+    response_class=StreamingResponse,
+    responses=STREAM_RESPONSE,
+    summary="Caption one image, word by word (server-sent events)",
+)
+async def caption_stream(
+    request: Request,
+    service: CaptionerDep,
+    settings: SettingsDep,
+    metrics: MetricsDep,
+    image: Annotated[UploadFile, File(description="the image (JPEG, PNG, GIF, WebP, ...)")],
+    beam_size: BeamSize = 3,
+    max_length: MaxLength = 20,
+    attention: AttentionQuery = AttentionFormat.grid,
+) -> StreamingResponse:
+    """As `POST /caption`, answered as `text/event-stream`: a `word` event for each word as soon
+    as the search has fixed it (beam size 1: every step; wider beams: once every live beam, and
+    the best caption already ended unless it scores below them all, agree on it), then a `result`
+    event with exactly what `POST /caption` returns. The words' tokens, log-probs and attention
+    are the result's. Errors before the first event have `POST /caption`'s status codes; after
+    it, an `error` event `{"detail", "status"}` ends the stream. A client that disconnects stops
+    the search for its image."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + settings.request_timeout_s
+    decoded = await with_timeout(
+        decoded_upload(image, settings.max_upload_bytes, settings.max_pixels, service.input_size),
+        settings.request_timeout_s,
+    )
+    stream = CaptionStream(service.captioner, loop)
+    stream.follow(
+        asyncio.ensure_future(
+            service.caption_streamed(decoded.pixels, beam_size, max_length, stream)
+        )
+    )
+    try:
+        first = await with_timeout(stream.next(), deadline - loop.time())
+    except BaseException:
+        stream.stop()
+        raise
+    events = _events(request, stream, first, attention, decoded.image, deadline, metrics)
+    return StreamingResponse(
+        events,
+        media_type="text/event-stream",
+        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+    )
+
+
+async def _events(
+    request: Request,
+    stream: CaptionStream,
+    item: Any,
+    attention: AttentionFormat,
+    image: Image.Image,
+    deadline: float,
+    metrics: Metrics,
+) -> AsyncIterator[bytes]:
+    loop = asyncio.get_running_loop()
+    outcome = "disconnected"  # what ends the stream unless it gets to the end
+    try:
+        while not isinstance(item, tuple):
+            yield await run_in_threadpool(word_events, item, attention, image)
+            try:
+                item = await asyncio.wait_for(stream.next(), deadline - loop.time())
+            except asyncio.TimeoutError:
+                outcome = "timeout"
+                limit = request.app.state.settings.request_timeout_s
+                detail = f"the request took longer than its {limit:g} s limit"
+                yield sse("error", {"detail": detail, "status": 504})
+                return
+            except (QueueFullError, BatcherClosedError) as exc:
+                outcome = "error"
+                yield sse("error", {"detail": f"{exc}; retry later", "status": 503})
+                return
+            except Exception:
+                outcome = "error"
+                logger.exception("streamed caption failed after its first word")
+                yield sse("error", {"detail": "internal server error", "status": 500})
+                return
+        result, batch_size = item
+        request.state.log_fields["batch_size"] = batch_size
+        yield sse("result", await run_in_threadpool(result.to_dict, attention, image))
+        outcome = "completed"
+    finally:
+        stream.stop()  # the client left (or the stream ended): the search drops the image
+        metrics.streams.labels(outcome).inc()

@@ -19,7 +19,7 @@ import torch
 
 from captioner.caption.caption_net import CaptionNet
 from captioner.caption.decoder import DecoderConfig
-from captioner.caption.search import Hypothesis, beam_search, greedy, sample
+from captioner.caption.search import Hypothesis, Watch, Word, beam_search, greedy, sample
 from captioner.card import CARD, ModelCard, card_from_training, read_card
 from captioner.checkpoint import ModelDirError, build_checked, load_model_dir
 from captioner.domain import DomainStats, attach, load_domain
@@ -27,7 +27,7 @@ from captioner.encoder import EncoderConfig
 from captioner.image import ImageInput
 from captioner.model_folder import ModelFolder
 from captioner.quantize import check_quantize, quantize_model
-from captioner.results import CaptionResult
+from captioner.results import CaptionResult, CaptionWord
 from captioner.vocab import Vocabulary
 
 
@@ -164,8 +164,13 @@ class Captioner(ModelFolder):
         temperature: float = 1.0,
         top_k: int = 0,
         seed: int | None = None,
+        watch: Watch | None = None,
     ) -> list[CaptionResult]:
-        """Caption images (PIL images, encoded bytes or paths); results in input order."""
+        """Caption images (PIL images, encoded bytes or paths); results in input order.
+
+        `watch` (`captioner.caption.search.Watch`) hears each image's words while the search
+        runs, as soon as they are fixed (turn them into `CaptionWord`s with `caption_word`), and
+        can drop images nobody waits for."""
         if len(images) == 0:
             return []
         return self.caption_features(
@@ -177,6 +182,7 @@ class Captioner(ModelFolder):
             temperature=temperature,
             top_k=top_k,
             seed=seed,
+            watch=watch,
         )
 
     def caption_features(
@@ -189,25 +195,38 @@ class Captioner(ModelFolder):
         temperature: float = 1.0,
         top_k: int = 0,
         seed: int | None = None,
+        watch: Watch | None = None,
     ) -> list[CaptionResult]:
         decoder = self.model.decoder
         if method == "beam":
             hyps = [
-                h[0] for h in beam_search(decoder, features, beam_size, max_length, length_penalty)
+                h[0]
+                for h in beam_search(
+                    decoder, features, beam_size, max_length, length_penalty, watch=watch
+                )
             ]
         elif method == "greedy":
-            hyps = greedy(decoder, features, max_length)
+            hyps = greedy(decoder, features, max_length, watch=watch)
         elif method == "sample":
             gen = (
                 torch.Generator(device=features.device).manual_seed(seed)
                 if seed is not None
                 else None
             )
-            hyps = sample(decoder, features, max_length, temperature, top_k, generator=gen)
+            hyps = sample(
+                decoder, features, max_length, temperature, top_k, generator=gen, watch=watch
+            )
         else:
             raise ValueError(f"unknown decoding method {method!r}; choose beam, greedy or sample")
         scores = self.domain_scores(features) or [None] * len(hyps)
         return [self._result(h, s) for h, s in zip(hyps, scores, strict=True)]
+
+    def caption_word(self, word: Word) -> CaptionWord:
+        """A word a search told a watch, as the caption result holds it."""
+        attention = None
+        if word.attention is not None:
+            attention = word.attention.numpy().reshape(self.model.grid_hw)
+        return CaptionWord(word.position, self.vocab.itos[word.token], word.logprob, attention)
 
     def _result(self, hyp: Hypothesis, domain_score: float | None = None) -> CaptionResult:
         words = [self.vocab.itos[i] for i in hyp.tokens]
