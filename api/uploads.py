@@ -99,9 +99,15 @@ async def decoded_upload(
         raise image_error(exc, label) from None
 
 
-async def with_timeout(work: Awaitable[T], seconds: float) -> T:
-    """Await `work`, answering 504 when it takes longer than `seconds`."""
+def timeout_detail(limit_s: float) -> str:
+    return f"the request took longer than its {limit_s:g} s limit"
+
+
+async def with_timeout(work: Awaitable[T], seconds: float, limit_s: float | None = None) -> T:
+    """Await `work`, answering 504 when it takes longer than `seconds` (what is left of the
+    request's `limit_s`, the limit the answer names; `seconds` by default)."""
     try:
         return await asyncio.wait_for(work, seconds)
     except asyncio.TimeoutError:
-        raise HTTPException(504, f"the request took longer than its {seconds:g} s limit") from None
+        limit = seconds if limit_s is None else limit_s
+        raise HTTPException(504, timeout_detail(limit)) from None

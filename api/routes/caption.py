@@ -19,7 +19,7 @@ from ..deps import ApiKeyDep, CaptionerDep, MetricsDep, SettingsDep
 from ..prometheus import Metrics
 from ..schemas import ERRORS, STREAM_RESPONSE, CaptionBatchResponse, CaptionResponse
 from ..streaming import CaptionStream, sse, word_events
-from ..uploads import decoded_upload, with_timeout
+from ..uploads import decoded_upload, timeout_detail, with_timeout
 
 logger = logging.getLogger("captioner.api")
 
@@ -126,10 +126,11 @@ async def caption_stream(
     it, an `error` event `{"detail", "status"}` ends the stream. A client that disconnects stops
     the search for its image."""
     loop = asyncio.get_running_loop()
-    deadline = loop.time() + settings.request_timeout_s
+    limit = settings.request_timeout_s
+    deadline = loop.time() + limit
     decoded = await with_timeout(
         decoded_upload(image, settings.max_upload_bytes, settings.max_pixels, service.input_size),
-        settings.request_timeout_s,
+        limit,
     )
     stream = CaptionStream(service.captioner, loop)
     stream.follow(
@@ -138,11 +139,11 @@ async def caption_stream(
         )
     )
     try:
-        first = await with_timeout(stream.next(), deadline - loop.time())
+        first = await with_timeout(stream.next(), deadline - loop.time(), limit)
     except BaseException:
         stream.stop()
         raise
-    events = _events(request, stream, first, attention, decoded.image, deadline, metrics)
+    events = _events(request, stream, first, attention, decoded.image, deadline, limit, metrics)
     return StreamingResponse(
         events,
         media_type="text/event-stream",
@@ -157,6 +158,7 @@ async def _events(
     attention: AttentionFormat,
     image: Image.Image,
     deadline: float,
+    limit: float,
     metrics: Metrics,
 ) -> AsyncIterator[bytes]:
     loop = asyncio.get_running_loop()
@@ -168,9 +170,7 @@ async def _events(
                 item = await asyncio.wait_for(stream.next(), deadline - loop.time())
             except asyncio.TimeoutError:
                 outcome = "timeout"
-                limit = request.app.state.settings.request_timeout_s
-                detail = f"the request took longer than its {limit:g} s limit"
-                yield sse("error", {"detail": detail, "status": 504})
+                yield sse("error", {"detail": timeout_detail(limit), "status": 504})
                 return
             except (QueueFullError, BatcherClosedError) as exc:
                 outcome = "error"
