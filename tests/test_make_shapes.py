@@ -8,7 +8,10 @@ from pycocotools.coco import COCO
 
 from captioner.data.shapes import RGB, decode_mask, generate_split, score_caption
 from tests.conftest import assert_umask_modes
-from training.make_shapes import SPLITS, get_args_parser, main, write_split
+from training import evaluate_vqa
+from training.make_shapes import PARAPHRASED, SPLITS, get_args_parser, main, write_split
+
+ROOT = Path(__file__).resolve().parent.parent
 
 JSON_FILES = ("captions.json", "questions.json", "annotations.json", "objects.json")
 
@@ -144,3 +147,49 @@ def test_help_and_bad_counts(capsys, tmp_path):
         main(get_args_parser().parse_args(["--out", str(tmp_path), "--val", "-1"]))
     with pytest.raises(ValueError, match="workers"):
         write_split([], tmp_path, workers=0)
+
+
+def test_paraphrase_writes_the_questions_reworded_with_the_same_ids(dataset, tmp_path):
+    make(tmp_path / "para", "--seed", "5", "--paraphrase")
+    written = files(tmp_path / "para")
+    reworded = {p for p in written if p.name == PARAPHRASED}
+    assert reworded == {Path(split) / PARAPHRASED for split in SPLITS}
+    rest = {p: b for p, b in written.items() if p not in reworded}
+    assert rest == files(dataset)  # every other file as without the flag
+    for split in ("train", "val"):
+        canonical = load(dataset / split / "questions.json")
+        para = load(tmp_path / "para" / split / PARAPHRASED)
+        assert para["info"]["wording"].startswith("paraphrased")
+        assert {k: v for k, v in para.items() if k not in ("info", "questions")} == {
+            k: v for k, v in canonical.items() if k not in ("info", "questions")
+        }
+        pairs = list(zip(canonical["questions"], para["questions"], strict=True))
+        assert all(
+            c["question_id"] == p["question_id"] and c["image_id"] == p["image_id"]
+            for c, p in pairs
+        )
+        assert all(c["question"] != p["question"] for c, p in pairs)
+    make(tmp_path / "again", "--seed", "5", "--paraphrase")
+    assert files(tmp_path / "again") == written
+    make(tmp_path / "para", "--seed", "5")  # rewritten without the flag: no stale rewording left
+    assert files(tmp_path / "para") == files(dataset)
+
+
+def test_evaluate_vqa_scores_the_paraphrased_questions(tmp_path):
+    out = tmp_path / "shapes"
+    main(get_args_parser().parse_args(["--out", str(out), "--train", "0", "--val", "0", "--test", "4",
+                                       "--size", "64", "--seed", "7", "--paraphrase"]))  # fmt: skip
+    test = out / "test"
+    scores = {}
+    for name in ("questions.json", PARAPHRASED):
+        args = evaluate_vqa.get_args_parser().parse_args(
+            ["--model", str(ROOT / "models" / "shapes-vqa"), "--questions", str(test / name),
+             "--annotations", str(test / "annotations.json"), "--images", str(test / "images"),
+             "--no-progress"]
+        )  # fmt: skip
+        scores[name] = evaluate_vqa.main(args)
+    n = len(load(test / "questions.json")["questions"])
+    for metrics in scores.values():
+        assert metrics["n"] == n and metrics["skipped_missing_image"] == 0
+        assert set(metrics["per_question_type"]) <= {"color", "shape", "count", "exist", "relation"}
+    assert scores["questions.json"]["accuracy"] > 0.8  # the demo model on its own wording

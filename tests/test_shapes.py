@@ -11,6 +11,7 @@ from captioner.data.shapes import (
     COLOUR_WORDS,
     COLOURS,
     MAX_CAPTION_TOKENS,
+    QUESTION_WORDS,
     RGB,
     SHAPE_WORDS,
     SHAPES,
@@ -228,6 +229,12 @@ def test_question_answers_follow_from_the_objects(scenes):
                 assert q.answer in {"0", "1", "2", "3", "4"}
     assert set(types) == {"color", "shape", "count", "exist", "relation"}
     assert 0.4 < yes_no["yes"] / sum(yes_no.values()) < 0.6
+
+
+def test_question_words_are_every_word_the_questions_use(scenes):
+    used = {w for s in scenes for q in s.questions for w in tokenize(q.question)}
+    assert used == QUESTION_WORDS
+    assert {"what", "color", "shape", "object", "objects", "above", "?"} <= QUESTION_WORDS
 
 
 def test_questions_are_deterministic():

@@ -6,6 +6,13 @@ Per split, DIR/<split>/ holds `images/<id>.png`, `captions.json` (MS-COCO captio
 `questions.json` + `annotations.json` (VQA v2) and `objects.json` (each object's shape, colour, size,
 centre, bbox and COCO RLE mask). The same seed gives byte-identical files; each split's scenes depend
 only on (seed, split name), and image ids never collide across splits.
+
+`--paraphrase` also writes `questions_paraphrased.json`: the same questions (same ids, images and
+answers) in words the generated questions never use (`captioner.data.paraphrase` lists them), so
+`annotations.json` scores it as it does `questions.json`:
+
+    python -m training.evaluate_vqa --model M --questions DIR/test/questions_paraphrased.json \
+        --annotations DIR/test/annotations.json --images DIR/test/images
 """
 
 from __future__ import annotations
@@ -13,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import multiprocessing
+import random
 import re
 from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
@@ -23,6 +31,7 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
+from captioner.data.paraphrase import paraphrase
 from captioner.data.shapes import (
     Scene,
     ShapeObject,
@@ -39,6 +48,7 @@ __all__ = [
     "get_args_parser",
     "main",
     "object_record",
+    "paraphrased_records",
     "split_seed",
     "write_split",
 ]
@@ -46,6 +56,7 @@ __all__ = [
 SPLITS = ("train", "val", "test")
 IDS_PER_SPLIT = 10_000_000
 JSON_FILES = ("captions.json", "questions.json", "annotations.json", "objects.json")
+PARAPHRASED = "questions_paraphrased.json"
 _IMAGE_NAME = re.compile(r"^\d{12}\.png$")
 
 
@@ -86,13 +97,17 @@ def _write_json(path: Path, data: Any) -> None:
     write_text_atomic(path, json.dumps(data, separators=(",", ":")) + "\n")
 
 
+def _question_id(scene: Scene, k: int) -> int:
+    return scene.image_id * 100 + k
+
+
 def _vqa_records(scenes: Sequence[Scene]) -> tuple[list[dict], list[dict]]:
     """VQA v2 questions and annotations (10 identical answers each); question id = image id * 100
     + k."""
     questions, answers = [], []
     for s in scenes:
         for k, q in enumerate(s.questions):
-            qid = s.image_id * 100 + k
+            qid = _question_id(s, k)
             questions.append({"image_id": s.image_id, "question": q.question, "question_id": qid})
             ten = [
                 {"answer": q.answer, "answer_confidence": "yes", "answer_id": i}
@@ -111,6 +126,20 @@ def _vqa_records(scenes: Sequence[Scene]) -> tuple[list[dict], list[dict]]:
     return questions, answers
 
 
+def paraphrased_records(scenes: Sequence[Scene]) -> list[dict]:
+    """The questions of `_vqa_records` reworded by `captioner.data.paraphrase`, with the same ids
+    and images; question k of a scene draws its wording from (the scene's seed, k) alone."""
+    return [
+        {
+            "image_id": s.image_id,
+            "question": paraphrase(q.question, random.Random(derive_seed(s.seed, "paraphrase", k))),
+            "question_id": _question_id(s, k),
+        }
+        for s in scenes
+        for k, q in enumerate(s.questions)
+    ]
+
+
 def write_split(
     scenes: Sequence[Scene],
     out_dir: str | Path,
@@ -119,17 +148,19 @@ def write_split(
     seed: int | None = None,
     workers: int = 1,
     progress: bool | None = None,
+    paraphrased: bool = False,
 ) -> None:
     """Write `scenes` into `out_dir`: images first, the JSON files last (each by temp file and
     rename, after removing old ones), so no JSON ever names an image that is not there.
-    `progress=None` shows a bar only on a terminal."""
+    `progress=None` shows a bar only on a terminal; `paraphrased` also writes the questions
+    reworded (`PARAPHRASED`)."""
     if workers < 1:
         raise ValueError(f"workers must be >= 1, got {workers}")
     out_dir = Path(out_dir)
     split = split or out_dir.name
     images_dir = out_dir / "images"
     images_dir.mkdir(parents=True, exist_ok=True)
-    for name in JSON_FILES:
+    for name in (*JSON_FILES, PARAPHRASED):
         (out_dir / name).unlink(missing_ok=True)
 
     disable = None if progress is None else not progress  # tqdm: None means "not on a terminal"
@@ -160,6 +191,10 @@ def write_split(
     _write_json(out_dir / "objects.json", {"info": info, "images": objects})
     _write_json(out_dir / "questions.json", {"info": info, **vqa, "questions": questions})
     _write_json(out_dir / "annotations.json", {"info": info, **vqa, "annotations": answers})
+    if paraphrased:
+        reworded = {**info, "wording": "paraphrased (captioner.data.paraphrase)"}
+        questions = paraphrased_records(scenes)
+        _write_json(out_dir / PARAPHRASED, {"info": reworded, **vqa, "questions": questions})
     captions = [
         {"id": s.image_id * 10 + k, "image_id": s.image_id, "caption": c}
         for s in scenes
@@ -186,6 +221,13 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--workers", type=int, default=1, help="processes that draw and save the images"
     )
+    parser.add_argument(
+        "--paraphrase",
+        action="store_true",
+        help=f"also write {PARAPHRASED} per split: every question reworded in words the "
+        "generated questions never use, with the same question ids, so annotations.json "
+        "scores it (captioner.data.paraphrase lists the substitutions)",
+    )
     return parser
 
 
@@ -197,7 +239,14 @@ def main(args: argparse.Namespace) -> None:
     for split in SPLITS:
         n = getattr(args, split)
         scenes = generate_split(n, split_seed(args.seed, split), args.size, first_id(split))
-        write_split(scenes, args.out / split, split=split, seed=args.seed, workers=args.workers)
+        write_split(
+            scenes,
+            args.out / split,
+            split=split,
+            seed=args.seed,
+            workers=args.workers,
+            paraphrased=args.paraphrase,
+        )
         print(f"{split}: {n} images -> {args.out / split}")
 
 

@@ -3,14 +3,16 @@
 A scene holds 1 to 4 non-overlapping objects, each a shape, a colour and a size at a position. From a
 seed it yields the same picture (PIL drawing on a dark, slightly noisy background), the same reference
 captions (a small grammar: counts, synonyms, orderings, spatial relations) and the same questions
-(colour, shape, count, existence, relation). The caption parser reads the grammar's words back, so
-evaluation can say which objects a caption states correctly.
+(colour, shape, count, existence, relation), each form in one wording (QUESTION_TEMPLATES, whose
+words are QUESTION_WORDS; captioner.data.paraphrase rewords them). The caption parser reads the
+grammar's words back, so evaluation can say which objects a caption states correctly.
 """
 
 from __future__ import annotations
 
 import hashlib
 import random
+import re
 import warnings
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
@@ -460,6 +462,33 @@ def _words(obj: ShapeObject, combo: tuple[str, ...]) -> str:
     return " ".join(getattr(obj, f) for f in ("size", "color", "shape") if f in combo)
 
 
+# The generator's one wording of each question form ({...}: words of the scene). With COUNTED_ALL and
+# RELATION_PHRASES they hold every non-scene word a question uses (QUESTION_WORDS);
+# captioner.data.paraphrase parses questions by these templates and rewords them.
+QUESTION_TEMPLATES: dict[str, str] = {
+    "color": "what color is the {target}?",  # target: [size] shape
+    "shape": "what shape is the {attributes} object?",  # attributes: colour, size, or size colour
+    "count": "how many {counted} are there?",  # counted: [colour] objects, or [colour] plural
+    "exist": "is there a {target}?",  # target: [size] [colour] shape
+    "relation": "is the {a} {relation} the {b}?",  # a, b: [size or colour] shape
+    "relation_what": "what {attribute} is the object {relation} the {b}?",  # attribute: shape|color
+}
+COUNTED_ALL = "objects"
+RELATION_PHRASES: dict[str, str] = {
+    "left": "to the left of", "right": "to the right of", "above": "above", "below": "below",
+}  # fmt: skip
+
+
+def _template_words() -> set[str]:
+    texts = [re.sub(r"\{\w+\}", " ", t) for t in QUESTION_TEMPLATES.values()]
+    return {w for text in [*texts, COUNTED_ALL, *RELATION_PHRASES.values()] for w in tokenize(text)}
+
+
+SCENE_WORDS: frozenset[str] = frozenset([*SIZES, *COLOURS, *SHAPES, *_PLURAL.values()])
+# Every word (and "?") of every question the generator writes: the training questions' vocabulary.
+QUESTION_WORDS: frozenset[str] = frozenset(_template_words() | SCENE_WORDS)
+
+
 def make_questions(objects: Sequence[ShapeObject], rng: random.Random, size: int) -> list[Question]:
     """6 to 10 questions with unambiguous answers (fewer only when a scene of look-alike objects
     allows no more): colour, shape, count, existence (one yes, one no) and, where clear, relation."""
@@ -472,21 +501,23 @@ def make_questions(objects: Sequence[ShapeObject], rng: random.Random, size: int
     with_shape = [("shape",), ("size", "shape"), ("color", "shape"), ("size", "color", "shape")]
     for obj in rng.sample(objs, min(2, len(objs))):
         if combo := _describe(obj, objs, with_shape[:2]):
-            ask(Question(f"what color is the {_words(obj, combo)}?", obj.color, "color", "other"))
+            q = QUESTION_TEMPLATES["color"].format(target=_words(obj, combo))
+            ask(Question(q, obj.color, "color", "other"))
     for obj in rng.sample(objs, min(2, len(objs))):
         if combo := _describe(obj, objs, [("color",), ("size",), ("size", "color")]):
-            q = f"what shape is the {_words(obj, combo)} object?"
+            q = QUESTION_TEMPLATES["shape"].format(attributes=_words(obj, combo))
             ask(Question(q, obj.shape, "shape", "other"))
 
     obj = rng.choice(objs)
-    counted = [("objects", lambda o: True)]
+    counted = [(COUNTED_ALL, lambda o: True)]
     counted += [(_PLURAL[sh], lambda o, sh=sh: o.shape == sh) for sh in rng.sample(SHAPES, 2)]
     for c in (obj.color, rng.choice(COLOURS)):
-        counted.append((f"{c} objects", lambda o, c=c: o.color == c))
+        counted.append((f"{c} {COUNTED_ALL}", lambda o, c=c: o.color == c))
     same_kind = obj.attrs[1:]
     counted.append((f"{obj.color} {_PLURAL[obj.shape]}", lambda o: o.attrs[1:] == same_kind))
+    how_many = QUESTION_TEMPLATES["count"]
     counts = [
-        Question(f"how many {what} are there?", str(sum(map(test, objs))), "count", "number")
+        Question(how_many.format(counted=what), str(sum(map(test, objs))), "count", "number")
         for what, test in counted
     ]
     rng.shuffle(counts)
@@ -494,23 +525,22 @@ def make_questions(objects: Sequence[ShapeObject], rng: random.Random, size: int
         ask(counts.pop())
 
     obj = rng.choice(objs)
-    ask(Question(f"is there a {_words(obj, rng.choice(with_shape))}?", "yes", "exist", "yes/no"))
+    exist = QUESTION_TEMPLATES["exist"]
+    target = _words(obj, rng.choice(with_shape))
+    ask(Question(exist.format(target=target), "yes", "exist", "yes/no"))
     choices = {"size": SIZES, "color": COLOURS, "shape": SHAPES}
     for _ in range(100):  # a near miss: a present object with one attribute changed
         field = rng.choice(tuple(choices))
         fake = replace(rng.choice(objs), **{field: rng.choice(choices[field])})
         combo = rng.choice([c for c in with_shape if field in c])
         if not any(all(getattr(o, f) == getattr(fake, f) for f in combo) for o in objs):
-            ask(Question(f"is there a {_words(fake, combo)}?", "no", "exist", "yes/no"))
+            ask(Question(exist.format(target=_words(fake, combo)), "no", "exist", "yes/no"))
             break
     for q in _relation_questions(objs, rng, size, with_shape[:3]):
         ask(q)
     while len(asked) < 6 and counts:
         ask(counts.pop())
     return list(asked.values())
-
-
-_RELATION_WORDS = {"left": "to the left of", "right": "to the right of", "above": "above", "below": "below"}  # fmt: skip
 
 
 def _relation_questions(
@@ -525,8 +555,10 @@ def _relation_questions(
     pairs = [(a, b, rel) for a, b, rel in pairs if rel and name(a) and name(b)]
     if pairs:  # "is the <a> <rel> the <b>?", asking the true relation half of the time
         a, b, rel = rng.choice(pairs)
-        asked = rel if rng.random() < 0.5 else rng.choice([r for r in _RELATION_WORDS if r != rel])
-        q = f"is the {name(a)} {_RELATION_WORDS[asked]} the {name(b)}?"
+        asked = rel if rng.random() < 0.5 else rng.choice([r for r in RELATION_PHRASES if r != rel])
+        q = QUESTION_TEMPLATES["relation"].format(
+            a=name(a), relation=RELATION_PHRASES[asked], b=name(b)
+        )
         qs.append(Question(q, "yes" if asked == rel else "no", "relation", "yes/no"))
     # "what shape/color is the object <rel> the <b>?": one object there, the others clearly elsewhere
     singles = []
@@ -538,6 +570,8 @@ def _relation_questions(
     if singles:
         a, b, rel = rng.choice(singles)
         field = rng.choice(("shape", "color"))
-        q = f"what {field} is the object {_RELATION_WORDS[rel]} the {name(b)}?"
+        q = QUESTION_TEMPLATES["relation_what"].format(
+            attribute=field, relation=RELATION_PHRASES[rel], b=name(b)
+        )
         qs.append(Question(q, getattr(a, field), "relation", "other"))
     return qs

@@ -1,0 +1,197 @@
+"""Shapes-world questions in other words: each generated question reworded, its answer unchanged.
+
+The generator (`captioner.data.shapes`) asks each form of question in one wording
+(`QUESTION_TEMPLATES`); people ask in their own. `paraphrase(question, rng)` reads a generated
+question back by those templates (`parse_question`) and writes it again from one of several
+templates of its form, with synonyms drawn by `rng`. The scene's words (object names, colours and
+sizes) and the relation's direction stay, so the same answer is right.
+
+Words. `QUESTION_WORDS` (in `shapes`) is every word of every generated question, "?" included:
+the training questions' whole vocabulary. A paraphrase keeps only `KEPT_WORDS` of it: the scene's
+words (small, large; red, green, blue, yellow, purple, white; circle, square, triangle, diamond,
+cross and their plurals), "left" and "right" (no other word says them), and "the", "a", "is",
+"are", "there", "what", "how", "many", "of" and "?". The rest, `REPLACED_WORDS` ("color", "shape",
+"object", "objects", "to", "above", "below"), never appears in a paraphrase, and every other word
+a paraphrase uses is one that no generated question uses.
+
+Substitutions (`{...}` is drawn from the list of that name):
+- colour: "what color is the {target}?" -> "what {colour} is the {target}?", "which {colour} is
+  the {target}?", "which {colour} does the {target} have?", "the {target} is which {colour}?",
+  "in which {colour} is the {target} drawn?", "what is the {colour} of the {target}?";
+  {colour}: colour, hue, shade.
+- shape: "what shape is the {attributes} object?" -> "what {form} is the {attributes} {thing}?",
+  "which {form} does the {attributes} {thing} have?", "what is the {form} of the {attributes}
+  {thing}?", "the {attributes} {thing} has which {form}?", "what does the {attributes} {thing}
+  look like?"; {form}: form, figure, outline; {thing}: item, thing, piece, one.
+- count: "how many {counted} are there?" -> "how many {counted} can you see?", "how many
+  {counted} are there in total?", "how many {counted} does the picture show?", "how many
+  {counted} are visible?", "what is the number of {counted}?", "how many {counted} do you
+  count?"; "objects" in {counted} -> {things}: shapes, items, things, pieces.
+- exist: "is there a {target}?" -> "is there any {target}?", "do you see a {target}?", "can you
+  find a {target}?", "does the picture contain a {target}?", "is a {target} visible?", "does the
+  image show a {target}?".
+- relation: "is the {a} {relation} the {b}?" -> "is the {a} {relation} the {b}?", "is the {a}
+  placed {relation} the {b}?", "does the {a} sit {relation} the {b}?", "would you say the {a} is
+  {relation} the {b}?".
+- relation, what: "what {attribute} is the object {relation} the {b}?" -> "what {attribute} is
+  the {thing} {relation} the {b}?", "which {attribute} does the {thing} {relation} the {b} have?",
+  "the {thing} {relation} the {b} has which {attribute}?", "what is the {attribute} of the
+  {thing} {relation} the {b}?"; {attribute}: {colour} for color, {form} for shape.
+- {relation}: "to the left of" -> left of, on the left of, on the left side of, further left
+  than; "to the right of" -> right of, on the right of, on the right side of, further right than;
+  "above" -> higher than, over, higher up than, further up than; "below" -> lower than, under,
+  beneath, underneath, further down than.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+from collections.abc import Iterable
+
+from captioner.data.shapes import (
+    COLOURS,
+    COUNTED_ALL,
+    QUESTION_TEMPLATES,
+    QUESTION_WORDS,
+    RELATION_PHRASES,
+    SCENE_WORDS,
+    SHAPE_WORDS,
+    SHAPES,
+    SIZES,
+)
+
+__all__ = [
+    "KEPT_WORDS",
+    "PARAPHRASE_TEMPLATES",
+    "REPLACED_WORDS",
+    "SYNONYMS",
+    "paraphrase",
+    "parse_question",
+]
+
+# The canonical words a paraphrase may keep; every other canonical word it must replace.
+KEPT_WORDS: frozenset[str] = (
+    SCENE_WORDS
+    | {"left", "right"}
+    | frozenset(("the", "a", "is", "are", "there", "what", "how", "many", "of", "?"))
+)
+REPLACED_WORDS: frozenset[str] = QUESTION_WORDS - KEPT_WORDS
+
+SYNONYMS: dict[str, tuple[str, ...]] = {
+    "colour": ("colour", "hue", "shade"),  # for "color"
+    "form": ("form", "figure", "outline"),  # for "shape"
+    "thing": ("item", "thing", "piece", "one"),  # for "object"
+    "things": ("shapes", "items", "things", "pieces"),  # for "objects"
+    "left": ("left of", "on the left of", "on the left side of", "further left than"),
+    "right": ("right of", "on the right of", "on the right side of", "further right than"),
+    "above": ("higher than", "over", "higher up than", "further up than"),
+    "below": ("lower than", "under", "beneath", "underneath", "further down than"),
+}
+PARAPHRASE_TEMPLATES: dict[str, tuple[str, ...]] = {  # by the form's key in QUESTION_TEMPLATES
+    "color": (
+        "what {colour} is the {target}?",
+        "which {colour} is the {target}?",
+        "which {colour} does the {target} have?",
+        "the {target} is which {colour}?",
+        "in which {colour} is the {target} drawn?",
+        "what is the {colour} of the {target}?",
+    ),
+    "shape": (
+        "what {form} is the {attributes} {thing}?",
+        "which {form} does the {attributes} {thing} have?",
+        "what is the {form} of the {attributes} {thing}?",
+        "the {attributes} {thing} has which {form}?",
+        "what does the {attributes} {thing} look like?",
+    ),
+    "count": (
+        "how many {counted} can you see?",
+        "how many {counted} are there in total?",
+        "how many {counted} does the picture show?",
+        "how many {counted} are visible?",
+        "what is the number of {counted}?",
+        "how many {counted} do you count?",
+    ),
+    "exist": (
+        "is there any {target}?",
+        "do you see a {target}?",
+        "can you find a {target}?",
+        "does the picture contain a {target}?",
+        "is a {target} visible?",
+        "does the image show a {target}?",
+    ),
+    "relation": (
+        "is the {a} {relation} the {b}?",
+        "is the {a} placed {relation} the {b}?",
+        "does the {a} sit {relation} the {b}?",
+        "would you say the {a} is {relation} the {b}?",
+    ),
+    "relation_what": (
+        "what {attribute} is the {thing} {relation} the {b}?",
+        "which {attribute} does the {thing} {relation} the {b} have?",
+        "the {thing} {relation} the {b} has which {attribute}?",
+        "what is the {attribute} of the {thing} {relation} the {b}?",
+    ),
+}
+
+
+def _any(words: Iterable[str]) -> str:
+    return "(?:" + "|".join(re.escape(w) for w in sorted(words, key=len, reverse=True)) + ")"
+
+
+_SIZE, _COLOUR, _SHAPE = _any(SIZES), _any(COLOURS), _any(SHAPES)
+_PLURAL = _any(w for w, shape in SHAPE_WORDS.items() if w != shape)
+_OBJECT = f"(?:{_SIZE} )?(?:{_COLOUR} )?{_SHAPE}"
+_FIELDS = {  # what each placeholder of QUESTION_TEMPLATES holds
+    "target": _OBJECT,
+    "a": _OBJECT,
+    "b": _OBJECT,
+    "attributes": f"(?:{_SIZE} {_COLOUR}|{_SIZE}|{_COLOUR})",
+    "counted": f"(?:{_COLOUR} )?(?:{re.escape(COUNTED_ALL)}|{_PLURAL})",
+    "relation": _any(RELATION_PHRASES.values()),
+    "attribute": "(?:shape|color)",
+}
+
+
+def _pattern(template: str) -> re.Pattern[str]:
+    parts = re.split(r"\{(\w+)\}", template)  # literal, name, literal, ..., literal
+    return re.compile(
+        "".join(
+            f"(?P<{part}>{_FIELDS[part]})" if i % 2 else re.escape(part)
+            for i, part in enumerate(parts)
+        )
+    )
+
+
+_PATTERNS = {form: _pattern(template) for form, template in QUESTION_TEMPLATES.items()}
+_DIRECTION = {phrase: direction for direction, phrase in RELATION_PHRASES.items()}
+
+
+def parse_question(question: str) -> tuple[str, dict[str, str]]:
+    """(form, fields) of a generated question: the key of its QUESTION_TEMPLATES entry and what
+    each placeholder holds, e.g. ("color", {"target": "large circle"})."""
+    found = [(form, m) for form, p in _PATTERNS.items() if (m := p.fullmatch(question))]
+    if len(found) != 1:
+        forms = "; ".join(QUESTION_TEMPLATES.values())
+        raise ValueError(f"not a generated shapes-world question: {question!r}; forms: {forms}")
+    form, match = found[0]
+    return form, match.groupdict()
+
+
+def paraphrase(question: str, rng: random.Random) -> str:
+    """`question` (a generated shapes-world question) in other words, drawn by `rng` from
+    PARAPHRASE_TEMPLATES and SYNONYMS: same form, same scene words, same answer."""
+    form, fields = parse_question(question)
+    if "relation" in fields:
+        fields["relation"] = rng.choice(SYNONYMS[_DIRECTION[fields["relation"]]])
+    if "attribute" in fields:
+        kind = "colour" if fields["attribute"] == "color" else "form"
+        fields["attribute"] = rng.choice(SYNONYMS[kind])
+    if "counted" in fields:
+        words = fields["counted"].split()
+        if words[-1] == COUNTED_ALL:
+            words[-1] = rng.choice(SYNONYMS["things"])
+        fields["counted"] = " ".join(words)
+    template = rng.choice(PARAPHRASE_TEMPLATES[form])
+    fill = {name: rng.choice(SYNONYMS[name]) for name in ("colour", "form", "thing")}
+    return template.format(**fields, **fill)

