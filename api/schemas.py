@@ -201,6 +201,19 @@ STREAM_RESPONSE: dict[int | str, dict[str, Any]] = {
         "base64 PNG}}` per word, in order, as the search fixes it; then `event: result` with the "
         "body `POST /caption` returns; or, after the first event, `event: error` with "
         '`{"detail": str, "status": int}`',
-        "content": {"text/event-stream": {"schema": {"type": "string"}}},
+        # Each event (OpenAPI 3.2, "Special Considerations for Server-Sent Events"): its data is
+        # JSON text, described above.
+        "content": {
+            "text/event-stream": {
+                "schema": {
+                    "type": "object",
+                    "properties": {
+                        "event": {"type": "string", "enum": ["word", "result", "error"]},
+                        "data": {"type": "string", "contentMediaType": "application/json"},
+                    },
+                    "required": ["event", "data"],
+                }
+            }
+        },
     },
 }
