@@ -252,6 +252,11 @@ def settle(page, x: float, y: float) -> None:
     )
 
 
+def wait_for_caption(page) -> None:
+    """Wait for the whole caption: its words stream in first, then the result replaces them."""
+    page.wait_for_selector("#caption-panel[aria-busy='false'] #caption[aria-busy='false'] .word")
+
+
 def word_under(page, x: float, y: float) -> str | None:
     return page.evaluate(
         "([x, y]) => { const el = document.elementFromPoint(x, y);"
@@ -352,7 +357,7 @@ def test_page_is_served_with_its_assets(server):
 def test_a_visit_has_a_favicon_and_no_console_errors(page_factory, server, scene_png):
     page = page_factory()
     page.set_input_files("#file", str(scene_png))
-    page.wait_for_selector("#caption .word")
+    wait_for_caption(page)
     page.locator("#caption .word").first.hover()
     page.wait_for_selector("#heat[data-target='word:0']")
     # Chromium asks for the icon once the page has loaded; wait for its answer before judging.
@@ -373,7 +378,7 @@ def test_a_visit_has_a_favicon_and_no_console_errors(page_factory, server, scene
 def test_upload_shows_caption_and_each_words_attention(page_factory, server, scene_png):
     page = page_factory()
     page.set_input_files("#file", str(scene_png))
-    page.wait_for_selector("#caption .word")
+    wait_for_caption(page)
 
     expected = httpx.post(
         f"{server.url}/caption",
@@ -417,7 +422,7 @@ def test_pinned_word_keeps_its_map_when_the_page_scrolls_under_the_pointer(
     whatever a scroll brings under it (Chromium sends mouseenter, not mousemove, after a scroll)."""
     page = page_factory(width=1280, height=900)
     page.set_input_files("#file", str(portrait_png))
-    page.wait_for_selector("#caption .word")
+    wait_for_caption(page)
     words = page.locator("#caption .word")
     token = words.first.inner_text()
     box = words.first.bounding_box()
@@ -456,7 +461,7 @@ def test_question_is_answered_with_confidence_and_attention(page_factory, server
         pytest.skip(server.vqa_skip_reason)
     page = page_factory()
     page.set_input_files("#file", str(scene_png))
-    page.wait_for_selector("#caption .word")
+    wait_for_caption(page)
     question = "what color is the circle?"
     page.fill("#question", question)
     page.click("#ask")
@@ -496,7 +501,7 @@ def test_missing_api_key_is_explained_and_pasting_it_retries(page_factory, scene
 
     page.fill("#api-key", API_KEY)
     page.click("#key-save")
-    page.wait_for_selector("#caption .word")  # the caption request was sent again, with the key
+    wait_for_caption(page)  # the caption request was sent again, with the key
     page.wait_for_selector("#models .model")  # and the model cards were loaded
     assert not visible(page, "#error")
     assert page.evaluate(f"() => sessionStorage.getItem({KEY_STORAGE!r})") == API_KEY
@@ -541,7 +546,7 @@ def test_rejected_upload_leaves_no_broken_image(page_factory, tmp_path, scene_pn
 
     # The next good image is shown as usual.
     page.set_input_files("#file", str(scene_png))
-    page.wait_for_selector("#caption .word")
+    wait_for_caption(page)
     page.wait_for_function("() => document.getElementById('photo').naturalWidth > 0")
     assert visible(page, "#photo") and broken_images(page) == []
     assert not visible(page, "#error")
@@ -550,7 +555,7 @@ def test_rejected_upload_leaves_no_broken_image(page_factory, tmp_path, scene_pn
 def test_phone_width_sample_scene(page_factory, server):
     page = page_factory(width=390, height=844)
     page.click("#sample")
-    page.wait_for_selector("#caption .word")
+    wait_for_caption(page)
     alt = page.get_attribute("#photo", "alt")
     reference = page.inner_text("#reference")
     assert alt.startswith("Sample scene: ") and alt.removeprefix("Sample scene: ") in reference
@@ -592,7 +597,7 @@ def test_without_attention_or_vqa_the_page_says_so(browser, tmp_path, scene_png)
             assert not visible(page, "#suggestions")
 
             page.set_input_files("#file", str(scene_png))
-            page.wait_for_selector("#caption .word")
+            wait_for_caption(page)
             assert page.locator("#caption button.word").count() == 0  # nothing to show per word
             assert "no attention maps" in page.inner_text("#caption-meta")
             page.locator("#caption .word").first.hover()
@@ -742,7 +747,7 @@ def test_redoc_renders_every_operation_offline(offline_page, server):
 def test_a_caption_cut_at_max_length_is_marked_unfinished(page_factory, server, scene_png):
     page = page_factory()
     page.set_input_files("#file", str(scene_png))
-    page.wait_for_selector("#caption .word")
+    wait_for_caption(page)
     expected = httpx.post(
         f"{server.url}/caption",
         params={"beam_size": 3},
@@ -775,7 +780,7 @@ def test_a_finished_caption_has_no_mark(browser, tmp_path, scene_png):
             page.goto(url + "/")
             page.wait_for_selector("#status[data-state='ready']")
             page.set_input_files("#file", str(scene_png))
-            page.wait_for_selector("#caption .word")
+            wait_for_caption(page)
             assert page.locator("#caption .word").all_inner_texts() == ["two", "green", "triangles"]
             assert page.locator("#caption .cut-mark").count() == 0
             assert not visible(page, "#caption-cut")
@@ -788,7 +793,7 @@ def test_unknown_question_words_are_shown(page_factory, server, scene_png):
         pytest.skip(server.vqa_skip_reason)
     page = page_factory()
     page.set_input_files("#file", str(scene_png))
-    page.wait_for_selector("#caption .word")
+    wait_for_caption(page)
     page.fill("#question", "is the zebra above the refrigerator?")
     page.click("#ask")
     page.wait_for_selector("#unknown-words:not([hidden])")
