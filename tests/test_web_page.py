@@ -9,6 +9,7 @@ Screenshots go to `test-artifacts/`.
 from __future__ import annotations
 
 import io
+import json
 import os
 import socket
 import threading
@@ -28,6 +29,7 @@ from PIL import Image
 from api.app import create_app
 from api.settings import Settings
 from captioner.caption.captioner import Captioner
+from captioner.caption.decoder import CaptionDecoder
 from captioner.data.shapes import make_scene, render
 from captioner.paths import DEFAULT_CAPTION_MODEL, DEFAULT_VQA_MODEL
 from captioner.vocab import Vocabulary
@@ -252,6 +254,11 @@ def settle(page, x: float, y: float) -> None:
     )
 
 
+def wait_for_caption(page) -> None:
+    """Wait for the whole caption: its words stream in first, then the result replaces them."""
+    page.wait_for_selector("#caption-panel[aria-busy='false'] #caption[aria-busy='false'] .word")
+
+
 def word_under(page, x: float, y: float) -> str | None:
     return page.evaluate(
         "([x, y]) => { const el = document.elementFromPoint(x, y);"
@@ -352,7 +359,7 @@ def test_page_is_served_with_its_assets(server):
 def test_a_visit_has_a_favicon_and_no_console_errors(page_factory, server, scene_png):
     page = page_factory()
     page.set_input_files("#file", str(scene_png))
-    page.wait_for_selector("#caption .word")
+    wait_for_caption(page)
     page.locator("#caption .word").first.hover()
     page.wait_for_selector("#heat[data-target='word:0']")
     # Chromium asks for the icon once the page has loaded; wait for its answer before judging.
@@ -373,7 +380,7 @@ def test_a_visit_has_a_favicon_and_no_console_errors(page_factory, server, scene
 def test_upload_shows_caption_and_each_words_attention(page_factory, server, scene_png):
     page = page_factory()
     page.set_input_files("#file", str(scene_png))
-    page.wait_for_selector("#caption .word")
+    wait_for_caption(page)
 
     expected = httpx.post(
         f"{server.url}/caption",
@@ -417,7 +424,7 @@ def test_pinned_word_keeps_its_map_when_the_page_scrolls_under_the_pointer(
     whatever a scroll brings under it (Chromium sends mouseenter, not mousemove, after a scroll)."""
     page = page_factory(width=1280, height=900)
     page.set_input_files("#file", str(portrait_png))
-    page.wait_for_selector("#caption .word")
+    wait_for_caption(page)
     words = page.locator("#caption .word")
     token = words.first.inner_text()
     box = words.first.bounding_box()
@@ -456,7 +463,7 @@ def test_question_is_answered_with_confidence_and_attention(page_factory, server
         pytest.skip(server.vqa_skip_reason)
     page = page_factory()
     page.set_input_files("#file", str(scene_png))
-    page.wait_for_selector("#caption .word")
+    wait_for_caption(page)
     question = "what color is the circle?"
     page.fill("#question", question)
     page.click("#ask")
@@ -496,7 +503,7 @@ def test_missing_api_key_is_explained_and_pasting_it_retries(page_factory, scene
 
     page.fill("#api-key", API_KEY)
     page.click("#key-save")
-    page.wait_for_selector("#caption .word")  # the caption request was sent again, with the key
+    wait_for_caption(page)  # the caption request was sent again, with the key
     page.wait_for_selector("#models .model")  # and the model cards were loaded
     assert not visible(page, "#error")
     assert page.evaluate(f"() => sessionStorage.getItem({KEY_STORAGE!r})") == API_KEY
@@ -541,7 +548,7 @@ def test_rejected_upload_leaves_no_broken_image(page_factory, tmp_path, scene_pn
 
     # The next good image is shown as usual.
     page.set_input_files("#file", str(scene_png))
-    page.wait_for_selector("#caption .word")
+    wait_for_caption(page)
     page.wait_for_function("() => document.getElementById('photo').naturalWidth > 0")
     assert visible(page, "#photo") and broken_images(page) == []
     assert not visible(page, "#error")
@@ -550,7 +557,7 @@ def test_rejected_upload_leaves_no_broken_image(page_factory, tmp_path, scene_pn
 def test_phone_width_sample_scene(page_factory, server):
     page = page_factory(width=390, height=844)
     page.click("#sample")
-    page.wait_for_selector("#caption .word")
+    wait_for_caption(page)
     alt = page.get_attribute("#photo", "alt")
     reference = page.inner_text("#reference")
     assert alt.startswith("Sample scene: ") and alt.removeprefix("Sample scene: ") in reference
@@ -592,7 +599,7 @@ def test_without_attention_or_vqa_the_page_says_so(browser, tmp_path, scene_png)
             assert not visible(page, "#suggestions")
 
             page.set_input_files("#file", str(scene_png))
-            page.wait_for_selector("#caption .word")
+            wait_for_caption(page)
             assert page.locator("#caption button.word").count() == 0  # nothing to show per word
             assert "no attention maps" in page.inner_text("#caption-meta")
             page.locator("#caption .word").first.hover()
@@ -742,7 +749,7 @@ def test_redoc_renders_every_operation_offline(offline_page, server):
 def test_a_caption_cut_at_max_length_is_marked_unfinished(page_factory, server, scene_png):
     page = page_factory()
     page.set_input_files("#file", str(scene_png))
-    page.wait_for_selector("#caption .word")
+    wait_for_caption(page)
     expected = httpx.post(
         f"{server.url}/caption",
         params={"beam_size": 3},
@@ -775,7 +782,7 @@ def test_a_finished_caption_has_no_mark(browser, tmp_path, scene_png):
             page.goto(url + "/")
             page.wait_for_selector("#status[data-state='ready']")
             page.set_input_files("#file", str(scene_png))
-            page.wait_for_selector("#caption .word")
+            wait_for_caption(page)
             assert page.locator("#caption .word").all_inner_texts() == ["two", "green", "triangles"]
             assert page.locator("#caption .cut-mark").count() == 0
             assert not visible(page, "#caption-cut")
@@ -783,12 +790,240 @@ def test_a_finished_caption_has_no_mark(browser, tmp_path, scene_png):
             context.close()
 
 
+# -- the caption streaming in (POST /caption/stream) ------------------------------------------------
+
+SCRIPT = ["a", "small", "red", "circle", "to", "the", "left"]  # what the scripted captioner writes
+
+
+class Steps:
+    """The served captioner's decoder steps: while held, each waits for the test to allow it."""
+
+    def __init__(self) -> None:
+        self.held = threading.Event()
+        self._allowed = threading.Semaphore(0)
+
+    def wrap(self, step):
+        def gated(decoder, *args, **kwargs):
+            if self.held.is_set() and not self._allowed.acquire(timeout=TIMEOUT_MS / 1000):
+                raise RuntimeError("the test never allowed this decoder step")
+            return step(decoder, *args, **kwargs)
+
+        return gated
+
+    def hold(self) -> None:
+        self.held.set()
+
+    def allow(self, n: int = 1) -> None:
+        self._allowed.release(n)
+
+    def free(self) -> None:
+        self.held.clear()
+        self._allowed.release(100)  # any step still waiting goes on
+
+
+@dataclass
+class SlowServer:
+    url: str
+    steps: Steps
+    expected: dict  # POST /caption's body for scene_png, greedy
+
+
+@contextmanager
+def slow_server(tmp_path, monkeypatch, scene_png, **settings) -> Iterator[SlowServer]:
+    """A scripted captioner whose decoder steps the test lets run one by one (`steps`)."""
+    vocab = Vocabulary.build(TINY_CAPTIONS)
+    scripted = Captioner(scripted_model(vocab, SCRIPT), vocab, name="scripted", version="1")
+    steps = Steps()
+    monkeypatch.setattr(CaptionDecoder, "step", steps.wrap(CaptionDecoder.step))
+    settings = Settings(
+        caption_model=scripted.save(tmp_path / "scripted"),
+        vqa_model=None,
+        max_batch_delay_ms=0,
+        cors_origins=[],
+        **settings,
+    )
+    with serving(settings) as url:
+        expected = httpx.post(
+            f"{url}/caption",
+            params={"beam_size": 1, "attention": "grid"},
+            files={"image": ("scene.png", scene_png.read_bytes(), "image/png")},
+        ).json()
+        assert expected["tokens"] == SCRIPT and expected["attention"] is not None
+        steps.hold()
+        try:
+            yield SlowServer(url, steps, expected)
+        finally:
+            steps.free()
+
+
+def greedy_page(browser, url: str):
+    context = browser.new_context(viewport={"width": 1280, "height": 900})
+    page = context.new_page()
+    page.set_default_timeout(TIMEOUT_MS)
+    errors: list[str] = []
+    page.on("pageerror", lambda exc: errors.append(str(exc)))
+    page.js_errors = errors
+    page.goto(url + "/")
+    page.wait_for_selector("#status[data-state='ready']")
+    page.select_option("#beam", "1")  # greedy search: each step fixes a word
+    return context, page
+
+
+def wait_for_words(page, n: int) -> list[str]:
+    page.wait_for_function("(n) => document.querySelectorAll('#caption .word').length >= n", arg=n)
+    return page.locator("#caption .word").all_inner_texts()
+
+
+def stream_counts(url: str) -> dict[str, float]:
+    """captioner_caption_streams_total by outcome, from GET /metrics."""
+    counts = {}
+    for line in httpx.get(url + "/metrics").text.splitlines():
+        if line.startswith("captioner_caption_streams_total{"):
+            labels, value = line.rsplit(" ", 1)
+            counts[labels.split('"')[1]] = float(value)
+    return counts
+
+
+def test_the_caption_streams_in_word_by_word(browser, tmp_path, monkeypatch, scene_png):
+    with slow_server(tmp_path, monkeypatch, scene_png) as slow:
+        context, page = greedy_page(browser, slow.url)
+        try:
+            expected = slow.expected
+            maps = np.array(expected["attention"]["maps"])
+            page.set_input_files("#file", str(scene_png))
+            slow.steps.allow(1)
+            assert wait_for_words(page, 1) == SCRIPT[:1]
+            slow.steps.allow(2)
+            assert wait_for_words(page, 3) == SCRIPT[:3]
+            # A partial caption, still busy: no cut notice or model line until the result.
+            assert page.get_attribute("#caption", "aria-busy") == "true"
+            assert page.get_attribute("#caption-panel", "aria-busy") == "true"
+            assert not visible(page, "#caption-cut") and page.inner_text("#caption-meta") == ""
+            assert not visible(page, "#caption-empty")
+            caret = "() => getComputedStyle(document.getElementById('caption'), '::after').content"
+            assert "▍" in page.evaluate(caret)
+            screenshot(page, "web-page-streaming.png")
+
+            # The words so far show their maps already: hovered, and pinned with a click.
+            words = page.locator("#caption .word")
+            words.nth(2).hover()
+            page.wait_for_selector("#heat[data-target='word:2']")
+            assert f"“{SCRIPT[2]}”" in page.inner_text("#heat-label")
+            assert_heatmap_shows(page, maps[2])
+            words.nth(1).click()
+            page.mouse.move(1, 1)
+            assert page.get_attribute("#heat", "data-target") == "word:1"
+            assert_heatmap_shows(page, maps[1])
+
+            slow.steps.allow(len(SCRIPT) - 3 + 1)  # the other words, then <end>
+            wait_for_caption(page)
+            assert words.all_inner_texts() == expected["tokens"]
+            assert page.locator("#caption .cut-mark").count() == 0
+            assert "scripted 1, beam size 1" in page.inner_text("#caption-meta")
+            assert page.evaluate(caret) in ("none", "normal")
+            # The result's words keep the pin made on the streamed ones.
+            assert page.get_attribute("#heat", "data-target") == "word:1"
+            assert words.nth(1).get_attribute("aria-pressed") == "true"
+            assert_heatmap_shows(page, maps[1])
+            words.nth(len(SCRIPT) - 1).hover()  # and show their own maps
+            page.wait_for_selector(f"#heat[data-target='word:{len(SCRIPT) - 1}']")
+            assert_heatmap_shows(page, maps[-1])
+            assert not visible(page, "#error") and page.js_errors == []
+        finally:
+            context.close()
+        assert stream_counts(slow.url) == {"completed": 1.0}
+
+
+def test_a_new_image_aborts_the_caption_streaming_in(
+    browser, tmp_path, monkeypatch, scene_png, portrait_png
+):
+    with slow_server(tmp_path, monkeypatch, scene_png) as slow:
+        context, page = greedy_page(browser, slow.url)
+        try:
+            page.set_input_files("#file", str(scene_png))
+            slow.steps.allow(1)
+            assert wait_for_words(page, 1) == SCRIPT[:1]
+
+            page.set_input_files("#file", str(portrait_png))
+            assert page.locator("#caption .word").count() == 0  # the old words are gone at once
+            slow.steps.free()
+            wait_for_caption(page)
+            assert page.locator("#caption .word").all_inner_texts() == SCRIPT
+            assert not visible(page, "#error") and page.js_errors == []
+            # The server saw the first request leave (and stopped its search).
+            deadline = time.monotonic() + TIMEOUT_MS / 1000
+            while stream_counts(slow.url).get("disconnected") != 1 and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert stream_counts(slow.url) == {"completed": 1.0, "disconnected": 1.0}
+        finally:
+            context.close()
+
+
+def test_an_error_event_after_the_first_words_is_shown(browser, tmp_path, monkeypatch, scene_png):
+    with slow_server(tmp_path, monkeypatch, scene_png, request_timeout_s=2) as slow:
+        context, page = greedy_page(browser, slow.url)
+        try:
+            page.set_input_files("#file", str(scene_png))
+            slow.steps.allow(1)
+            wait_for_words(page, 1)
+            # No more steps: the request outlives its timeout, told by an `error` event.
+            page.wait_for_selector("#error:not([hidden])")
+            assert page.get_attribute("#error", "data-status") == "504"
+            message = page.inner_text("#error")
+            assert message == (
+                "Captioning failed. The request took too long: "
+                "the request took longer than its 2 s limit"
+            )
+            assert page.locator("#caption .word").count() == 0  # the words so far are dropped
+            assert page.inner_text("#caption-empty") == "No caption."
+            assert page.get_attribute("#caption-panel", "aria-busy") == "false"
+            assert page.js_errors == []
+        finally:
+            context.close()
+
+
+def test_event_stream_parser_takes_chunks_split_anywhere(page_factory, server, scene_png):
+    """app.js's SSE parser gives the same events for a real stream however it is cut up, with
+    "\n" or "\r\n" line ends: the words of POST /caption's result, then the result."""
+    params = {"beam_size": 1, "max_length": 4, "attention": "grid"}
+    upload = {"image": ("scene.png", scene_png.read_bytes(), "image/png")}
+    text = httpx.post(
+        f"{server.url}/caption/stream", params=params, files=upload, headers=server.headers()
+    ).text
+    expected = httpx.post(
+        f"{server.url}/caption", params=params, files=upload, headers=server.headers()
+    ).json()
+    page = page_factory()
+    splits = page.evaluate(
+        """(text) => {
+          const feed = (chunks) => { const parse = sseParser(); return chunks.flatMap(parse); };
+          const outcomes = new Set();
+          for (const t of [text, text.replaceAll("\\n", "\\r\\n")]) {
+            for (let k = 0; k <= t.length; k++) {
+              outcomes.add(JSON.stringify(feed([t.slice(0, k), t.slice(k)])));
+            }
+            outcomes.add(JSON.stringify(feed(Array.from(t))));
+          }
+          return Array.from(outcomes, JSON.parse);
+        }""",
+        text,
+    )
+    assert len(splits) == 1, "the events depend on where the stream was cut"
+    [events] = splits
+    n = len(expected["tokens"])
+    assert [name for name, _ in events] == ["word"] * n + ["result"]
+    words = [json.loads(data) for _, data in events[:n]]
+    assert [w["token"] for w in words] == expected["tokens"]
+    assert [w["attention"]["map"] for w in words] == expected["attention"]["maps"]
+    assert json.loads(events[-1][1]) == expected
+
+
 def test_unknown_question_words_are_shown(page_factory, server, scene_png):
     if server.vqa_skip_reason:
         pytest.skip(server.vqa_skip_reason)
     page = page_factory()
     page.set_input_files("#file", str(scene_png))
-    page.wait_for_selector("#caption .word")
+    wait_for_caption(page)
     page.fill("#question", "is the zebra above the refrigerator?")
     page.click("#ask")
     page.wait_for_selector("#unknown-words:not([hidden])")

@@ -1,5 +1,6 @@
-// The captioner web page: upload or generate an image, caption it, show each word's attention map,
-// ask questions. Plain JS, no build step; it talks to the same API as any other client.
+// The captioner web page: upload or generate an image, caption it (word by word, as the search
+// fixes each word), show each word's attention map, ask questions. Plain JS, no build step; it
+// talks to the same API as any other client.
 "use strict";
 
 const KEY_STORAGE = "captioner.apiKey";
@@ -31,9 +32,12 @@ const state = {
   image: null, // the File or Blob being shown
   url: null, // its object URL
   generation: 0, // bumped on every new image, so late answers for an old one are dropped
-  caption: null, // the last /caption response
+  caption: null, // the last /caption result
+  draft: null, // while a caption streams in: {tokens, maps} of its words so far
+  captionRun: null, // the AbortController of the caption request under way
   vqa: null, // the last /vqa response
   pinned: null, // {kind: "word", index} or {kind: "answer", glimpse}; survives hover
+  shown: null, // the target whose map is on show (pinned or hovered), or null
   retry: null, // what to run again once an API key is given
   vqaOff: false, // the server has no VQA model loaded
   domainCheck: {}, // per task ("caption", "vqa"): the last response for this image
@@ -59,31 +63,119 @@ function apiKey() {
   }
 }
 
-async function api(path, options = {}) {
+// fetch with the API key; a network failure becomes ApiError 0, an abort stays an AbortError.
+async function send(path, options = {}) {
   const headers = {};
   const key = apiKey() || els.key.value.trim();
   if (key) headers["X-API-Key"] = key;
-  let response;
   try {
-    response = await fetch(path, { method: options.method || "GET", body: options.body, headers });
+    return await fetch(path, {
+      method: options.method || "GET",
+      body: options.body,
+      headers,
+      signal: options.signal,
+    });
   } catch (err) {
+    if (err.name === "AbortError") throw err;
     throw new ApiError(0, `could not reach the service (${err.message})`);
   }
-  const text = await response.text();
-  let data = null;
+}
+
+function parseJson(text) {
   try {
-    data = text ? JSON.parse(text) : null;
+    return text ? JSON.parse(text) : null;
   } catch {
-    data = null;
+    return null;
   }
-  if (!response.ok) {
-    const detail =
-      data && typeof data.detail === "string"
-        ? data.detail
-        : `${response.status} ${response.statusText || "error"}`;
-    throw new ApiError(response.status, detail, response.headers.get("Retry-After"));
+}
+
+// The ApiError for a non-2xx response: its JSON detail, else its status line.
+function failure(response, text) {
+  const data = parseJson(text);
+  const detail =
+    data && typeof data.detail === "string"
+      ? data.detail
+      : `${response.status} ${response.statusText || "error"}`;
+  return new ApiError(response.status, detail, response.headers.get("Retry-After"));
+}
+
+async function api(path, options = {}) {
+  const response = await send(path, options);
+  const text = await response.text();
+  if (!response.ok) throw failure(response, text);
+  return parseJson(text);
+}
+
+// Server-sent events, parsed by hand (EventSource only sends GET): feed it decoded text as it
+// arrives, in chunks that may split a line or an event anywhere; it returns the events the chunk
+// completed, as [name, data]. Lines end in "\n" or "\r\n"; comments and other fields are skipped.
+function sseParser() {
+  let pending = ""; // an unfinished line
+  let name = "";
+  let data = [];
+  return (chunk) => {
+    const lines = (pending + chunk).split("\n");
+    pending = lines.pop();
+    const events = [];
+    for (let line of lines) {
+      if (line.endsWith("\r")) line = line.slice(0, -1);
+      if (line === "") {
+        // a blank line ends the event
+        if (data.length) events.push([name || "message", data.join("\n")]);
+        name = "";
+        data = [];
+        continue;
+      }
+      const colon = line.indexOf(":");
+      if (colon === 0) continue; // a comment
+      const field = colon < 0 ? line : line.slice(0, colon);
+      let value = colon < 0 ? "" : line.slice(colon + 1);
+      if (value.startsWith(" ")) value = value.slice(1);
+      if (field === "event") name = value;
+      else if (field === "data") data.push(value);
+    }
+    return events;
+  };
+}
+
+// POST to a streaming route (POST /caption/stream): `onWord` gets each `word` event's data as it
+// arrives; resolves with the `result` event's data. Errors before the stream are ApiErrors as
+// api() throws them; an `error` event is an ApiError with its status and detail.
+async function apiStream(path, options, onWord) {
+  const response = await send(path, options);
+  if (!response.ok) throw failure(response, await response.text());
+  const type = response.headers.get("Content-Type") || "";
+  if (!type.startsWith("text/event-stream")) {
+    throw new ApiError(response.status, `expected server-sent events, got ${type || "no content type"}`);
   }
-  return data;
+  const reader = response.body.getReader();
+  const decoder = new TextDecoder();
+  const parse = sseParser();
+  let result = null;
+  // Read to the end, not just to the result: a client that leaves early counts as one that left.
+  for (;;) {
+    let chunk;
+    try {
+      chunk = await reader.read();
+    } catch (err) {
+      if (err.name === "AbortError") throw err;
+      throw new ApiError(0, `the connection was lost (${err.message})`);
+    }
+    // At the end an unfinished event is dropped, as EventSource drops it.
+    const text = chunk.done ? decoder.decode() : decoder.decode(chunk.value, { stream: true });
+    for (const [name, data] of parse(text)) {
+      if (result) break; // nothing follows the result
+      if (name === "word") onWord(JSON.parse(data));
+      else if (name === "result") result = JSON.parse(data);
+      else if (name === "error") {
+        const error = JSON.parse(data);
+        throw new ApiError(error.status, error.detail);
+      }
+    }
+    if (chunk.done) break;
+  }
+  if (!result) throw new ApiError(0, "the stream ended before the caption was complete");
+  return result;
 }
 
 const CONTEXT = {
@@ -250,6 +342,7 @@ function setImage(blob, reference) {
   state.generation += 1;
   state.image = blob;
   state.caption = null;
+  state.draft = null;
   state.vqa = null;
   state.pinned = null;
   state.domainCheck = {};
@@ -305,33 +398,119 @@ async function loadSample() {
 
 // -- caption and word attention ---------------------------------------------------------------------
 
+// The caption streams in (POST /caption/stream): each word is shown as soon as the search has
+// fixed it, its attention map already on hover, then the result is rendered in their place. A new
+// image or beam size aborts the request under way, which also stops the server's search for it.
 async function runCaption() {
   if (!state.image) return;
-  const generation = state.generation;
+  if (state.captionRun) state.captionRun.abort();
+  const run = new AbortController();
+  state.captionRun = run;
+  const current = () => state.captionRun === run;
   const body = new FormData();
   body.append("image", state.image, state.image.name || "image");
   const query = new URLSearchParams({ beam_size: els.beam.value, attention: "grid" });
   setBusy(els.captionPanel, true);
+  // A busy live region is announced once it is done: the whole caption, not word by word.
+  els.caption.setAttribute("aria-busy", "true");
   els.captionEmpty.textContent = "Captioning…";
   els.captionEmpty.hidden = false;
+  state.draft = null;
   try {
-    const result = await api(`caption?${query}`, { method: "POST", body });
-    if (generation !== state.generation) return;
+    const result = await apiStream(
+      `caption/stream?${query}`,
+      { method: "POST", body, signal: run.signal },
+      (word) => current() && addWord(word),
+    );
+    if (!current()) return;
     clearError();
+    const focused = els.caption.contains(document.activeElement) && document.activeElement.dataset.index;
     state.caption = result;
+    state.draft = null;
     renderCaption(result);
+    // The new words take over the streamed ones' highlight, pin and keyboard focus.
+    if (state.shown && state.shown.kind === "word") show(state.shown);
+    if (focused) {
+      const word = els.caption.querySelector(`.word[data-index="${focused}"]`);
+      if (word) word.focus();
+    }
     checkDomain("caption", result);
   } catch (err) {
-    if (generation !== state.generation) return;
+    if (!current() || err.name === "AbortError") return; // a newer request took over
+    if (state.draft) {
+      // the words so far are not a caption
+      state.draft = null;
+      renderCaption(null);
+      show(state.pinned);
+    }
     els.captionEmpty.textContent = "No caption.";
     if (err.status === 401) state.retry = runCaption;
     showError(err, "Captioning");
   } finally {
-    if (generation === state.generation) setBusy(els.captionPanel, false);
+    if (current()) {
+      state.captionRun = null;
+      setBusy(els.captionPanel, false);
+      els.caption.setAttribute("aria-busy", "false");
+    }
   }
 }
 
+// One streamed word (a `word` event's data); the first replaces the caption shown before.
+function addWord(word) {
+  if (!state.draft) {
+    state.draft = { tokens: [], maps: [] };
+    state.caption = null;
+    if (state.pinned && state.pinned.kind === "word") state.pinned = null;
+    els.caption.replaceChildren();
+    els.captionMeta.textContent = "";
+    els.captionCut.hidden = true;
+    els.captionEmpty.hidden = true;
+    els.caption.hidden = false;
+    show(state.pinned); // no map of the old caption's words stays on show
+  }
+  const map = (word.attention && word.attention.map) || null;
+  state.draft.tokens[word.index] = word.token;
+  state.draft.maps[word.index] = map;
+  if (word.index > 0 && !PUNCTUATION.test(word.token)) els.caption.append(" ");
+  els.caption.append(wordElement(word.token, word.index, word.probability, map !== null));
+  if (map) els.captionHelp.hidden = false;
+}
+
+// The caption's words and their attention maps: the result's, or while it streams, those so far.
+function captionWords() {
+  if (state.draft) return state.draft;
+  const result = state.caption;
+  if (!result) return null;
+  return { tokens: result.tokens, maps: (result.attention && result.attention.maps) || [] };
+}
+
 const PUNCTUATION = /^[^\p{L}\p{N}]+$/u;
+
+// A word of the caption: a button that shows its attention map when it has one, else plain text.
+function wordElement(token, index, probability, hasMap) {
+  const word = document.createElement(hasMap ? "button" : "span");
+  word.className = "word";
+  word.textContent = token;
+  word.dataset.index = String(index);
+  word.title = `probability ${(probability * 100).toFixed(1)}%`;
+  if (!hasMap) return word;
+  word.type = "button";
+  word.setAttribute("aria-pressed", "false");
+  word.setAttribute("aria-label", `${token}: show its attention map`);
+  // On pointer movement, not mouseenter: Chromium sends mouseenter (and no mousemove) to the
+  // word that a scroll brings under a still pointer, which would replace a just-pinned map.
+  word.addEventListener("mousemove", () => {
+    if (els.heat.dataset.target !== `word:${index}`) preview({ kind: "word", index });
+  });
+  word.addEventListener("focus", () => preview({ kind: "word", index }));
+  word.addEventListener("mouseleave", () => preview(null));
+  word.addEventListener("blur", () => preview(null));
+  word.addEventListener("click", () => {
+    togglePin({ kind: "word", index });
+    revealImage();
+  });
+  return word;
+}
 
 function renderCaption(result) {
   els.caption.replaceChildren();
@@ -347,30 +526,8 @@ function renderCaption(result) {
   const hasMaps = Boolean(result.attention && result.attention.maps);
   result.tokens.forEach((token, index) => {
     if (index > 0 && !PUNCTUATION.test(token)) els.caption.append(" ");
-    const word = document.createElement(hasMaps ? "button" : "span");
-    word.className = "word";
-    word.textContent = token;
-    word.dataset.index = String(index);
     const p = Math.exp(result.token_logprobs[index] ?? 0);
-    word.title = `probability ${(p * 100).toFixed(1)}%`;
-    if (hasMaps) {
-      word.type = "button";
-      word.setAttribute("aria-pressed", "false");
-      word.setAttribute("aria-label", `${token}: show its attention map`);
-      // On pointer movement, not mouseenter: Chromium sends mouseenter (and no mousemove) to the
-      // word that a scroll brings under a still pointer, which would replace a just-pinned map.
-      word.addEventListener("mousemove", () => {
-        if (els.heat.dataset.target !== `word:${index}`) preview({ kind: "word", index });
-      });
-      word.addEventListener("focus", () => preview({ kind: "word", index }));
-      word.addEventListener("mouseleave", () => preview(null));
-      word.addEventListener("blur", () => preview(null));
-      word.addEventListener("click", () => {
-        togglePin({ kind: "word", index });
-        revealImage();
-      });
-    }
-    els.caption.append(word);
+    els.caption.append(wordElement(token, index, p, hasMaps));
   });
   if (result.tokens.length === 0) els.caption.textContent = "(the model wrote an empty caption)";
   const cut = result.finished === false;
@@ -588,9 +745,9 @@ async function renderDomainNotice() {
 function mapFor(target) {
   if (!target) return null;
   if (target.kind === "word") {
-    const maps = state.caption && state.caption.attention && state.caption.attention.maps;
-    if (!maps || !maps[target.index]) return null;
-    return { map: maps[target.index], label: `Attention for the word “${state.caption.tokens[target.index]}”` };
+    const words = captionWords();
+    if (!words || !words.maps[target.index]) return null;
+    return { map: words.maps[target.index], label: `Attention for the word “${words.tokens[target.index]}”` };
   }
   const maps = state.vqa && state.vqa.attention && state.vqa.attention.maps;
   if (!maps || !maps[target.glimpse]) return null;
@@ -646,14 +803,17 @@ function show(target) {
     return;
   }
   drawHeat(found.map);
+  state.shown = target;
   els.heat.dataset.target = target.kind === "word" ? `word:${target.index}` : `answer:${target.glimpse}`;
   els.heatLabel.textContent = found.label;
 }
 
 function hideHeat() {
   els.heat.hidden = true;
+  state.shown = null;
   delete els.heat.dataset.target;
-  els.heatLabel.textContent = state.caption && state.caption.attention
+  const words = captionWords();
+  els.heatLabel.textContent = words && words.maps.some(Boolean)
     ? "Hover over or tap a word to see where the model looked."
     : "";
 }
