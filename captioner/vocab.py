@@ -1,5 +1,6 @@
-"""Word vocabulary: tokenisation, building from captions, encode/decode, JSON save/load, and which
-words of a text a vocabulary does not know (`unknown_words`, `known_content_words`)."""
+"""Word vocabulary: tokenisation, building from captions (and extending with other words, e.g. those
+of pretrained vectors), encode/decode, JSON save/load, and which words of a text a vocabulary does
+not know (`unknown_words`, `known_content_words`)."""
 
 from __future__ import annotations
 
@@ -58,6 +59,12 @@ class Vocabulary:
             (w for w, c in counts.items() if c >= min_count), key=lambda w: (-counts[w], w)
         )
         return cls(words)
+
+    def extended(self, words: Iterable[str]) -> Vocabulary:
+        """This vocabulary (same ids) followed by those of `words` it lacks, in their order: e.g.
+        the most frequent words of pretrained vectors, so a question's word never seen in
+        training still has its own id (and its vector) instead of `<unk>`."""
+        return Vocabulary([*self.itos, *(w for w in dict.fromkeys(words) if w not in self.stoi)])
 
     def __len__(self) -> int:
         return len(self.itos)

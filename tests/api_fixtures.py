@@ -23,6 +23,7 @@ from captioner.caption.captioner import Captioner
 from captioner.data.shapes import make_scene, render
 from captioner.vocab import Vocabulary
 from captioner.vqa.answerer import Answerer, VQANet
+from captioner.word_vectors import WordVectors, init_embedding
 from tests.conftest import TINY_CAPTIONS, tiny_encoder_config, tiny_model
 
 with warnings.catch_warnings():
@@ -65,6 +66,40 @@ def save_tiny_vqa(
     )
     model = Answerer(net, vocab, ANSWERS, name=name, version=version)
     return model.save(path, training={"data": {"dataset": "tiny"}, "metrics": {"accuracy": 0.1}})
+
+
+# Words of "vectors" for `tiny_vectors_vqa`: the questions' words and some no question uses.
+VECTOR_WORDS = ["what", "color", "is", "the", "circle", "?", "zebra", "hue", "ball", "many"]
+
+
+def tiny_vectors_vqa(name: str = "tiny-bilstm") -> Answerer:
+    """A tiny VQA model with a bidirectional question LSTM, every option that reads the question,
+    and its question embedding started from (random, 6-d) word vectors, whose words extend the
+    vocabulary."""
+    vectors = WordVectors(
+        VECTOR_WORDS, np.random.default_rng(0).normal(size=(len(VECTOR_WORDS), 6)), "tiny"
+    )
+    vocab = Vocabulary.build(QUESTIONS).extended(vectors.text_words(len(VECTOR_WORDS)))
+    torch.manual_seed(0)
+    net = VQANet.build(
+        tiny_encoder_config(),
+        len(vocab),
+        len(ANSWERS),
+        embed_dim=vectors.dim,
+        hidden_dim=8,
+        attention_dim=8,
+        fusion_dim=16,
+        glimpses=2,
+        bidirectional=True,
+        question_attention=True,
+        stacked=True,
+        relative=True,
+        coords=True,
+        count=True,
+        dropout=0.0,
+    )
+    init_embedding(net.question.embedding, vocab.itos, vectors)
+    return Answerer(net, vocab, ANSWERS, name=name, version="1")
 
 
 COCO_MINI = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "coco-mini"

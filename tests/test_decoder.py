@@ -17,8 +17,9 @@ CAPS = torch.tensor([[1, 5, 6, 7, 2, 0], [1, 8, 2, 0, 0, 0], [1, 9, 10, 11, 12, 
         dict(attention=False),
         dict(positional=True),
         dict(hard_attention=True),
+        dict(word_dim=6),
     ],
-    ids=["lstm", "gru", "rnn", "lstm2", "no-attention", "positional", "hard-attention"],
+    ids=["lstm", "gru", "rnn", "lstm2", "no-attention", "positional", "hard-attention", "word-dim"],
 )
 def test_every_parameter_gets_a_finite_gradient(variant):
     model = tiny_model(**variant).train()
@@ -82,9 +83,23 @@ def test_bad_configs_and_captions_are_clear_errors():
         DecoderConfig(vocab_size=5, feature_dim=4, grid_cells=4, cell="transformer")
     with pytest.raises(ValueError, match="dropout"):
         DecoderConfig(vocab_size=5, feature_dim=4, grid_cells=4, dropout=1.5)
+    with pytest.raises(ValueError, match="word_dim must be >= 0"):
+        DecoderConfig(vocab_size=5, feature_dim=4, grid_cells=4, word_dim=-1)
     model = tiny_model()
     with pytest.raises(ValueError, match="at least"):
         model(torch.randn(1, 3, 32, 32), torch.tensor([[1, 0, 0]]))
+
+
+def test_a_word_table_of_another_width_is_mapped_to_embed_dim():
+    model = tiny_model(word_dim=6)  # embed_dim 16
+    decoder = model.decoder
+    assert decoder.embedding.weight.shape == (30, 6) and decoder.word_proj.weight.shape == (16, 6)
+    tokens = torch.tensor([5, 0, 7])
+    torch.testing.assert_close(
+        decoder.embed(tokens), decoder.embedding(tokens) @ decoder.word_proj.weight.T
+    )
+    assert tiny_model().decoder.word_proj is None  # word_dim 0: the table is embed_dim wide
+    assert tiny_model(word_dim=16).decoder.word_proj is None
 
 
 def test_precomputed_features_equal_images():

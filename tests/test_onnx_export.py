@@ -13,9 +13,10 @@ from api.cli import main as cli_main
 from captioner.caption.captioner import Captioner
 from captioner.caption.search import beam_search, greedy
 from captioner.data.shapes import generate_split, render
-from captioner.onnx_export import OnnxCaptioner, export_captioner
+from captioner.onnx_export import OnnxCaptioner, export_answerer, export_captioner
 from captioner.paths import DEFAULT_CAPTION_MODEL, DEFAULT_VQA_MODEL
 from captioner.vqa.answerer import Answerer, encode_questions
+from tests.api_fixtures import tiny_vectors_vqa
 
 pytestmark = pytest.mark.slow  # five graphs exported once for the module: tens of seconds
 
@@ -136,6 +137,27 @@ def test_vqa_graphs_agree_with_pytorch(exported):
     np.testing.assert_allclose(alpha, want_alpha.numpy(), atol=1e-5)
     answers = [answerer.answers[i] for i in logits.argmax(1)]
     assert answers == [r.answer for r in answerer.answer_features(memory, questions)]
+
+
+def test_a_bidirectional_vqa_model_with_word_vectors_exports(tmp_path):
+    """The right-to-left pass reverses each question in place: under ONNX too, for questions of
+    every length, padded or not, and for words only the vectors gave (not `<unk>`)."""
+    answerer = tiny_vectors_vqa()
+    folder = export_answerer(answerer, tmp_path / "bilstm")
+    questions = ["what color is the circle?", "is the zebra a ball?", "hue", "how many shapes?"]
+    ids = encode_questions(questions, answerer.question_vocab)  # (4, 6), right-padded
+    assert (ids == 0).any() and answerer.question_vocab.unk_id not in ids[1].tolist()
+    pixels = torch.rand(4, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    memory = answerer.encode(pixels)
+    [onnx_memory] = _run(folder, "encoder", images=pixels)
+    np.testing.assert_allclose(onnx_memory, memory.numpy(), atol=1e-5, rtol=1e-5)
+    logits, alpha = _run(folder, "head", memory=memory, questions=ids)
+    with torch.inference_mode():
+        want_logits, want_alpha = answerer.model.head_prepared(memory, ids)
+    np.testing.assert_allclose(logits, want_logits.numpy(), atol=1e-5, rtol=1e-5)
+    np.testing.assert_allclose(alpha, want_alpha.numpy(), atol=1e-6)
+    manifest = json.loads((folder / "manifest.json").read_text())
+    assert manifest["vqa"]["bidirectional"] and manifest["vqa"]["embed_dim"] == 6
 
 
 def test_a_quantized_captioner_is_not_exported(tmp_path):

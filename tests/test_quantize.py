@@ -15,7 +15,7 @@ from captioner.data.shapes import generate_split, render
 from captioner.paths import DEFAULT_CAPTION_MODEL, DEFAULT_VQA_MODEL
 from captioner.quantize import quantize_model
 from captioner.vqa.answerer import Answerer
-from tests.api_fixtures import TestClient, settings
+from tests.api_fixtures import TestClient, settings, tiny_vectors_vqa
 
 SCENES = generate_split(24, seed=11)  # not the demo models' training seed
 
@@ -54,6 +54,21 @@ def test_int8_answerer_gives_nearly_the_float_answers(images):
     want = [r.answer for r in plain.answer(images, questions)]
     got = [r.answer for r in int8.answer(images, questions)]
     assert sum(a == b for a, b in zip(got, want, strict=True)) >= 22, (got, want)
+
+
+def test_int8_bidirectional_vqa_model_with_word_vectors_answers_as_the_float_one(tmp_path):
+    folder = tiny_vectors_vqa().save(tmp_path / "bilstm")
+    plain = Answerer.load(folder)
+    int8 = Answerer.load(folder, quantize="int8")
+    assert _float_layers(plain.model.question) == ["rnn", "rnn_back"]
+    assert _float_layers(int8.model) == ["attend.score", "classifier.1"]  # both directions int8
+    questions = ["what color is the circle?", "is the zebra a ball?", "hue", "is there a square?"]
+    pixels = torch.rand(4, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    want = plain.answer_features(plain.encode(pixels), questions, top_k=7)
+    got = int8.answer_features(int8.encode(pixels), questions, top_k=7)
+    for g, w in zip(got, want, strict=True):
+        assert g.unknown_words == w.unknown_words
+        assert dict(g.top_answers) == pytest.approx(dict(w.top_answers), abs=2e-3)
 
 
 def test_a_quantized_model_is_not_saved_and_bad_values_are_clear_errors(tmp_path):

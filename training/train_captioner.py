@@ -13,6 +13,11 @@ The run folder gets `args.json`, `metrics.jsonl` (one line per validation), and 
 `last/` (saved every `--save-every` steps, on stopping and at each epoch end); a run killed before
 its first save starts again from step 0. The loop itself is `training.loop`, shared with
 `train_vqa`.
+
+`--word-vectors glove-6b-50d` (or a GloVe / word2vec text file) starts the decoder's input word
+embedding from pretrained vectors, row by row for the words of the caption vocabulary (which still
+comes from the training captions); a linear map takes the vectors' width to `--embed-dim`.
+`--freeze-vectors` keeps the rows as they are.
 """
 
 from __future__ import annotations
@@ -39,6 +44,7 @@ from captioner.evaluation.caption_scores import caption_split, read_objects, sco
 from captioner.evaluation.cider import CiderD
 from captioner.progress import progress
 from captioner.vocab import Vocabulary
+from captioner.word_vectors import init_embedding
 from training import loop
 from training.common import epoch_order, grouped_epoch_order, run_script
 
@@ -202,15 +208,23 @@ class CaptionTask(loop.Task):
             self.vocab = Vocabulary.build(
                 (c for r in self.train_set.records for c in r.captions), min_count=args.min_count
             )
-        return CaptionNet.build(
+        vectors = loop.load_word_vectors(args)
+        net = CaptionNet.build(
             loop.encoder_config(args),
             vocab_size=len(self.vocab),
             pad_id=self.vocab.pad_id,
             attention=not args.no_attention,
             num_layers=args.layers,
             doubly_stochastic=args.alpha_c,
+            word_dim=0 if vectors is None else vectors.dim,
             **{name: getattr(args, name) for name in NET_ARGS},
         )
+        if vectors is not None:  # the caption vocabulary's rows; on --resume the saved ones win
+            record = init_embedding(
+                net.decoder.embedding, self.vocab.itos, vectors, args.freeze_vectors, args.seed
+            )
+            self.word_vectors = {**record, "vector_words": None}
+        return net
 
     def wrap(self, model: CaptionNet, name: str, version: str) -> Captioner:
         self.captioner = Captioner(

@@ -12,6 +12,14 @@ runs once per image however many questions it has. The run folder gets `args.jso
 `metrics.jsonl` (one line per epoch), and the model folders `best/` (highest validation accuracy)
 and `last/` (with optimizer state, for `--resume`, which works as in `train_captioner`: the loop
 itself is `training.loop`, shared by both).
+
+Questions in the user's own words: with `--word-vectors glove-6b-50d` the question vocabulary is
+the training questions' words plus the `--vector-words` most frequent words of the vectors, and the
+question embedding starts from their vectors (fine-tuned, or kept with `--freeze-vectors`), so a
+word no training question used ("what hue is the ball?") reads as its own vector, not `<unk>`:
+
+    python -m training.train_vqa --data /work/data/shapes --out runs/glove \
+        --word-vectors glove-6b-50d --vector-words 20000 --question-encoder bilstm
 """
 
 from __future__ import annotations
@@ -35,11 +43,12 @@ from captioner.progress import progress
 from captioner.vocab import Vocabulary
 from captioner.vqa.answerer import ANSWERS, QUESTION_VOCAB, Answerer, encode_questions
 from captioner.vqa.vqa_net import VQANet
+from captioner.word_vectors import WordVectors, init_embedding
 from training import loop
 from training.common import epoch_order, run_script
 
 # VQAConfig fields given by the command-line arguments of the same name
-NET_ARGS = ("embed_dim", "hidden_dim", "cell", "glimpses", "attention_dim", "fusion_dim")
+NET_ARGS = ("hidden_dim", "glimpses", "attention_dim", "fusion_dim")
 NET_ARGS += (
     "positional",
     "coords",
@@ -49,6 +58,11 @@ NET_ARGS += (
     "relative",
     "dropout",
 )
+
+
+QUESTION_ENCODERS = ("lstm", "gru", "bilstm", "bigru")
+EMBED_DIM = 128
+VECTOR_WORDS = 20_000  # 20,000 x 50 floats: 4 MB of weights with glove-6b-50d
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -67,10 +81,32 @@ def get_args_parser() -> argparse.ArgumentParser:
     data.add_argument("--answers", type=int, default=1000, help="classify over the top-K answers")
     data.add_argument("--min-count", type=int, default=1, help="rarer question words become <unk>")
     data.add_argument("--max-question-tokens", type=int, default=30)
+    data.add_argument(
+        "--vector-words",
+        type=int,
+        default=None,
+        metavar="N",
+        help="with --word-vectors: the question vocabulary also holds the N most frequent words "
+        f"of the vectors (default {VECTOR_WORDS}; N x dim floats of weights)",
+    )
 
     model = groups["model"]
-    model.add_argument("--cell", choices=("lstm", "gru"), default="lstm")
-    model.add_argument("--embed-dim", type=int, default=128)
+    model.add_argument(
+        "--question-encoder",
+        choices=QUESTION_ENCODERS,
+        default=None,
+        help="lstm or gru reads each question left to right; bilstm or bigru also right to left "
+        "(default lstm, or --cell's)",
+    )
+    model.add_argument(
+        "--cell", choices=("lstm", "gru"), default=None, help="as --question-encoder"
+    )
+    model.add_argument(
+        "--embed-dim",
+        type=int,
+        default=None,
+        help=f"question word embedding width (default {EMBED_DIM}; with --word-vectors: theirs)",
+    )
     model.add_argument("--hidden-dim", type=int, default=256)
     model.add_argument("--attention-dim", type=int, default=128)
     model.add_argument("--fusion-dim", type=int, default=512)
@@ -89,6 +125,52 @@ def get_args_parser() -> argparse.ArgumentParser:
     model.add_argument("--no-normalize", action="store_true", help="skip the L2 norm per cell")
     model.add_argument("--dropout", type=float, default=0.1)
     return p
+
+
+def question_encoder(args: argparse.Namespace) -> tuple[str, bool]:
+    """(cell, bidirectional) from --question-encoder, else --cell (default lstm, one way)."""
+    if args.question_encoder is None:
+        return args.cell or "lstm", False
+    cell = args.question_encoder.removeprefix("bi")
+    if args.cell is not None and args.cell != cell:
+        raise ValueError(
+            f"--cell {args.cell} contradicts --question-encoder {args.question_encoder}; give one"
+        )
+    return cell, args.question_encoder.startswith("bi")
+
+
+def vector_words(args: argparse.Namespace) -> int:
+    n = VECTOR_WORDS if args.vector_words is None else args.vector_words
+    if n < 0:
+        raise ValueError(f"--vector-words must be >= 0, got {n}")
+    return n
+
+
+def embed_dim(args: argparse.Namespace, vectors: WordVectors | None) -> int:
+    """--embed-dim, or the vectors' width: the pretrained rows are the embedding itself.
+
+    No projection to another width: the LSTM's input weights already map each embedding
+    linearly, so a linear layer in front of them would add weights but nothing they cannot learn.
+    """
+    if vectors is None:
+        return args.embed_dim or EMBED_DIM
+    if args.embed_dim is not None and args.embed_dim != vectors.dim:
+        raise ValueError(
+            f"--embed-dim {args.embed_dim} differs from the {vectors.dim} dimensions of "
+            f"--word-vectors {args.word_vectors}: the question embedding is the vectors' width, "
+            "so leave --embed-dim out"
+        )
+    return vectors.dim
+
+
+def question_vocabulary(items, args: argparse.Namespace, vectors: WordVectors | None) -> Vocabulary:
+    """The training questions' words (seen --min-count times), then with --word-vectors the
+    --vector-words most frequent words of the vectors that a question can hold (`tokenize`
+    keeps them whole) and that are not already in it."""
+    vocab = Vocabulary.build((item.question for item in items), args.min_count)
+    if vectors is None:
+        return vocab
+    return vocab.extended(vectors.text_words(vector_words(args)))
 
 
 class TrainTensors:
@@ -137,23 +219,34 @@ class VQATask(loop.Task):
 
     def build(self, side: dict[str, Any] | None) -> VQANet:
         args = self.args
+        vectors = loop.load_word_vectors(args)
+        if vectors is None and args.vector_words is not None:
+            raise ValueError("--vector-words needs --word-vectors")
         if side is not None:
             self.vocab = Vocabulary.from_json(side[QUESTION_VOCAB])
             self.answers = side[ANSWERS]["answers"]
         else:
-            self.vocab = Vocabulary.build(
-                (i.question for i in self.train_split.items), args.min_count
-            )
+            self.vocab = question_vocabulary(self.train_split.items, args, vectors)
             self.answers = build_answer_vocab(self.train_split.items, args.answers)
-        return VQANet.build(
+        cell, bidirectional = question_encoder(args)
+        net = VQANet.build(
             loop.encoder_config(args),
             question_vocab_size=len(self.vocab),
             num_answers=len(self.answers),
             pad_id=self.vocab.pad_id,
             attention=not args.no_attention,
             normalize=not args.no_normalize,
+            cell=cell,
+            bidirectional=bidirectional,
+            embed_dim=embed_dim(args, vectors),
             **{name: getattr(args, name) for name in NET_ARGS},
         )
+        if vectors is not None:  # on --resume the saved rows then replace these
+            record = init_embedding(
+                net.question.embedding, self.vocab.itos, vectors, args.freeze_vectors, args.seed
+            )
+            self.word_vectors = {**record, "vector_words": vector_words(args)}
+        return net
 
     def wrap(self, model: VQANet, name: str, version: str) -> Answerer:
         return Answerer(model, self.vocab, self.answers, name, version, device=self.d.device)

@@ -25,6 +25,11 @@ class DecoderConfig:
     feature_dim: int
     grid_cells: int
     embed_dim: int = 256
+    # The word table's width when it is not embed_dim: pretrained vectors (captioner.word_vectors)
+    # set it, and a linear map takes their rows to embed_dim, which is also the deep output
+    # layer's width (see `out_h`), so 50-d vectors do not narrow what predicts the next word.
+    # 0: the table is embed_dim wide.
+    word_dim: int = 0
     hidden_dim: int = 512
     attention_dim: int = 256
     attention: bool = True
@@ -59,6 +64,8 @@ class DecoderConfig:
         ):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.word_dim < 0:
+            raise ValueError(f"word_dim must be >= 0 (0: embed_dim), got {self.word_dim}")
         if self.attention and self.attention_dim < 1:
             raise ValueError(f"attention_dim must be >= 1, got {self.attention_dim}")
         if not 0.0 <= self.dropout < 1.0:
@@ -108,7 +115,9 @@ class CaptionDecoder(nn.Module):
     def __init__(self, config: DecoderConfig):
         super().__init__()
         c = self.config = config
-        self.embedding = nn.Embedding(c.vocab_size, c.embed_dim, padding_idx=c.pad_id)
+        words = c.word_dim or c.embed_dim
+        self.embedding = nn.Embedding(c.vocab_size, words, padding_idx=c.pad_id)
+        self.word_proj = nn.Linear(words, c.embed_dim, bias=False) if words != c.embed_dim else None
         self.position = (
             nn.Parameter(torch.zeros(c.grid_cells, c.feature_dim)) if c.positional else None
         )
@@ -144,6 +153,12 @@ class CaptionDecoder(nn.Module):
                 for bias in (cell.bias_ih, cell.bias_hh):
                     nn.init.zeros_(bias)
                     nn.init.constant_(bias[h : 2 * h], 0.5)  # the two biases add up to 1
+
+    def embed(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Word ids (...) -> their embeddings (..., embed_dim), through `word_proj` when the
+        table is word_dim wide."""
+        emb = self.embedding(tokens)
+        return emb if self.word_proj is None else self.word_proj(emb)
 
     # -- per image -----------------------------------------------------------------------------
     def memory(self, features: torch.Tensor) -> Memory:
@@ -199,7 +214,7 @@ class CaptionDecoder(nn.Module):
             context, alpha = memory.pooled, None  # (B, D)
             if R > B:
                 context = context.repeat_interleave(R // B, dim=0)  # (R, D): small, D per row
-        emb = self.embedding(prev_tokens)  # (B, E)
+        emb = self.embed(prev_tokens)  # (R, E)
         x = torch.cat([emb, context], dim=1)
         new_h, new_c = [], []
         for i, cell in enumerate(self.cells):

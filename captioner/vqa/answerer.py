@@ -193,7 +193,7 @@ class Answerer(ModelFolder):
             "kind": "vqa",
             "encoder": enc.name,
             "input_size": enc.input_size,
-            "question_encoder": c.cell,
+            "question_encoder": c.question_encoder,
             "attention": c.attention,
             "attention_grid": [h, w] if c.attention else None,
             "glimpses": c.glimpses if c.attention else 0,

@@ -6,6 +6,13 @@ L2-normalised per cell, attention logits come from a 1x1 convolution (a per-cell
 G attended vectors are concatenated with the question vector and classified over the top training
 answers. `attention=False` is the baseline: the question vector and the pooled image vector.
 
+The question encoder reads the words left to right, or with `bidirectional` also right to left
+(a second LSTM/GRU over each question reversed, Schuster and Paliwal, 1997): each word's state then
+knows the words after it too ("the circle *left of the square*"), and the question vector is both
+directions' summaries side by side (`question_dim` = 2 x hidden_dim), the width everything that
+reads the question (word attention, glimpse queries, the classifier) takes. Its word embedding may
+start from pretrained vectors (`captioner.word_vectors`), which then set `embed_dim`.
+
 Two additions for the shapes world, both off by default: a learned position embedding per grid
 cell (questions about spatial relations need to know where a glimpse looked), and `count=True`,
 which also feeds the classifier each glimpse's unnormalised attention mass, sum_i sigmoid(e_i): a
@@ -33,8 +40,9 @@ class VQAConfig:
     feature_dim: int
     grid_cells: int
     embed_dim: int = 128
-    hidden_dim: int = 256  # question encoder
+    hidden_dim: int = 256  # question encoder, per direction
     cell: str = "lstm"
+    bidirectional: bool = False  # also read each question right to left (question_dim = 2 x hidden)
     attention: bool = True
     glimpses: int = 2
     attention_dim: int = 256
@@ -62,6 +70,16 @@ class VQAConfig:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
 
     @property
+    def question_dim(self) -> int:
+        """Width of the question vector and of each word's state: hidden_dim per direction."""
+        return self.hidden_dim * (2 if self.bidirectional else 1)
+
+    @property
+    def question_encoder(self) -> str:
+        """The encoder in a word: "lstm", "gru", "bilstm" or "bigru"."""
+        return ("bi" if self.bidirectional else "") + self.cell
+
+    @property
     def cell_dim(self) -> int:
         """Width of one grid cell as attention sees it: the features, plus (x, y) with `coords`."""
         return self.feature_dim + (2 if self.coords else 0)
@@ -71,18 +89,27 @@ class VQAConfig:
 
 
 class QuestionEncoder(nn.Module):
-    """Word embedding + one-layer LSTM/GRU; the question vector is the state after its last word."""
+    """Word embedding + one-layer LSTM/GRU; the question vector is the state after its last word
+    (bidirectional: beside the right-to-left state after its first word)."""
 
     def __init__(self, c: VQAConfig):
         super().__init__()
         self.pad_id = c.pad_id
         self.embedding = nn.Embedding(c.question_vocab_size, c.embed_dim, padding_idx=c.pad_id)
         self.rnn = CELLS[c.cell](c.embed_dim, c.hidden_dim, batch_first=True)
+        # Right to left: its own RNN over each question reversed in place (words only, padding
+        # kept at the end), so padding never reaches a word's state in either direction. Two
+        # plain RNNs rather than nn.LSTM(bidirectional=True), whose reverse pass would start in
+        # the padding unless the batch were packed (and packed sequences do not export to ONNX).
+        self.rnn_back = (
+            CELLS[c.cell](c.embed_dim, c.hidden_dim, batch_first=True) if c.bidirectional else None
+        )
         self.dropout = nn.Dropout(c.dropout)
 
     def forward(self, questions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """questions (Q, T), words first and <pad> after -> (question vector (Q, H), the state
-        after every word (Q, T, H), word mask (Q, T)). Right padding never reaches earlier steps."""
+        """questions (Q, T), words first and <pad> after -> (question vector (Q, H'), the state
+        at every word (Q, T, H'), word mask (Q, T)), H' = `question_dim`. Right padding never
+        reaches a word's state."""
         mask = questions != self.pad_id  # (Q, T)
         lengths = mask.sum(dim=1)  # (Q,)
         exporting = torch.compiler.is_exporting()  # ONNX: no data-dependent check or shape
@@ -92,13 +119,32 @@ class QuestionEncoder(nn.Module):
         # the costliest part of a training step on a CPU, once per distinct question.
         if not exporting and len(questions) > 1:
             unique, inverse = torch.unique(questions, dim=0, return_inverse=True)
-            states, _ = self.rnn(self.dropout(torch.tanh(self.embedding(unique))))  # (U, T, H)
-            states = states[inverse]  # (Q, T, H)
+            last, states = self._encode(unique, (unique != self.pad_id).sum(dim=1))  # (U, ...)
+            last, states = last[inverse], states[inverse]  # (Q, H'), (Q, T, H')
         else:
-            states, _ = self.rnn(self.dropout(torch.tanh(self.embedding(questions))))  # (1, T, H)
+            last, states = self._encode(questions, lengths)
+        return last, states, mask
+
+    def _encode(
+        self, questions: torch.Tensor, lengths: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """questions (Q, T), lengths (Q,) -> (question vector (Q, H'), states (Q, T, H'))."""
+        x = self.dropout(torch.tanh(self.embedding(questions)))  # (Q, T, E)
+        states, _ = self.rnn(x)  # (Q, T, H)
         rows = torch.arange(questions.shape[0], device=states.device)
         last = states[rows, lengths - 1]  # (Q, H)
-        return last, states, mask
+        if self.rnn_back is None:
+            return last, states
+        # Position t of a question of n words reads word n-1-t (t < n); padding stays in place.
+        # The map is its own inverse, so it also puts the reverse states back in word order.
+        t = torch.arange(questions.shape[1], device=questions.device).unsqueeze(0)  # (1, T)
+        n = lengths.unsqueeze(1)  # (Q, 1)
+        flip = torch.where(t < n, n - 1 - t, t)  # (Q, T)
+        x_back = x.gather(1, flip.unsqueeze(2).expand(-1, -1, x.shape[2]))
+        back, _ = self.rnn_back(x_back)  # (Q, T, H), reversed
+        back = back.gather(1, flip.unsqueeze(2).expand(-1, -1, back.shape[2]))  # word order
+        # The right-to-left summary is its state at the first word, after reading them all.
+        return torch.cat([last, back[:, 0]], dim=1), torch.cat([states, back], dim=2)
 
 
 class WordAttention(nn.Module):
@@ -111,14 +157,14 @@ class WordAttention(nn.Module):
 
     def __init__(self, c: VQAConfig):
         super().__init__()
-        self.state_proj = nn.Linear(c.hidden_dim, c.attention_dim, bias=False)
-        self.question_proj = nn.Linear(c.hidden_dim, c.attention_dim)
+        self.state_proj = nn.Linear(c.question_dim, c.attention_dim, bias=False)
+        self.question_proj = nn.Linear(c.question_dim, c.attention_dim)
         self.score = nn.Linear(c.attention_dim, c.glimpses)
 
     def forward(
         self, question: torch.Tensor, states: torch.Tensor, mask: torch.Tensor
     ) -> torch.Tensor:
-        # question (Q, H), states (Q, T, H), mask (Q, T) -> one query per glimpse (Q, G, H)
+        # question (Q, H'), states (Q, T, H'), mask (Q, T) -> one query per glimpse (Q, G, H')
         hidden = torch.tanh(self.state_proj(states) + self.question_proj(question).unsqueeze(1))
         logits = self.score(hidden).transpose(1, 2)  # (Q, G, T)
         logits = logits.masked_fill(~mask.unsqueeze(1), float("-inf"))
@@ -137,14 +183,16 @@ class GlimpseAttention(nn.Module):
     def __init__(self, c: VQAConfig):
         super().__init__()
         self.feature_proj = nn.Linear(c.cell_dim, c.attention_dim, bias=False)
-        self.question_proj = nn.Linear(c.hidden_dim, c.attention_dim)
+        self.question_proj = nn.Linear(c.question_dim, c.attention_dim)
         self.score = nn.Linear(c.attention_dim, c.glimpses)
-        self.refine = nn.Linear(c.cell_dim, c.hidden_dim) if c.stacked and c.glimpses > 1 else None
+        self.refine = (
+            nn.Linear(c.cell_dim, c.question_dim) if c.stacked and c.glimpses > 1 else None
+        )
         self.words = WordAttention(c) if c.question_attention else None
         # Glimpse g > 0 may also score each cell by its offset from where glimpse g-1 looked,
         # through a small question-weighted basis of offset features (w(u_g)^T ReLU(P [dx; dy])).
         self.offset_basis = nn.Linear(2, 32) if c.relative else None
-        self.offset_query = nn.Linear(c.hidden_dim, 32) if c.relative else None
+        self.offset_query = nn.Linear(c.question_dim, 32) if c.relative else None
 
     def forward(
         self,
@@ -156,7 +204,7 @@ class GlimpseAttention(nn.Module):
         """features (Q, L, D), projected (Q, L, A) = feature_proj(features) computed once per image,
         question = QuestionEncoder's output -> (glimpses (Q, G, D), attention (Q, G, L),
         logits (Q, G, L))."""
-        q = question[0]  # (Q, H)
+        q = question[0]  # (Q, H')
         if self.refine is None and self.words is None and self.offset_basis is None:
             hidden = F.relu(projected + self.question_proj(q).unsqueeze(1))  # (Q, L, A)
             logits = self.score(hidden).transpose(1, 2)  # (Q, G, L)
@@ -166,7 +214,7 @@ class GlimpseAttention(nn.Module):
         queries = (
             self.words(*question) if self.words is not None else q.unsqueeze(1).expand(-1, G, -1)
         )
-        seen = torch.zeros_like(q)  # (Q, H): what earlier glimpses saw, when stacked
+        seen = torch.zeros_like(q)  # (Q, H'): what earlier glimpses saw, when stacked
         all_logits, glimpses = [], []
         for g in range(G):
             query = queries[:, g] + seen
@@ -218,7 +266,7 @@ class VQANet(nn.Module):
         count_dim = c.glimpses if c.attention and c.count else 0
         self.classifier = nn.Sequential(
             nn.Dropout(c.dropout),
-            nn.Linear(image_dim + count_dim + c.hidden_dim, c.fusion_dim),
+            nn.Linear(image_dim + count_dim + c.question_dim, c.fusion_dim),
             nn.ReLU(inplace=True),
             nn.Dropout(c.dropout),
             nn.Linear(c.fusion_dim, c.num_answers),
@@ -294,7 +342,7 @@ class VQANet(nn.Module):
                 f"{len(questions)} questions for {len(memory)} images; pass image_index"
             )
         question = self.question(questions)
-        q = question[0]  # (Q, H)
+        q = question[0]  # (Q, H')
         if image_index is not None:
             memory = memory[image_index]  # (Q, L, M)
         v = memory[..., : c.cell_dim]
