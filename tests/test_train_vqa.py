@@ -268,3 +268,22 @@ def test_word_vector_arguments_that_do_not_fit_are_refused(shapes, tmp_path):
     with pytest.raises(ValueError, match="--cell gru contradicts --question-encoder bilstm"):
         _run([*argv, "--cell", "gru", "--question-encoder", "bilstm"])
     assert not (tmp_path / "x").exists()
+
+
+def test_word_dropout_hides_words_never_padding_and_repeats_per_step(shapes, tmp_path):
+    questions = torch.randint(4, 40, (200, 12))
+    questions[:, 9:] = Vocabulary.pad_id
+    dropped = train_vqa.drop_words(questions, 0.3, seed=0, step=5)
+    changed = dropped != questions
+    assert torch.equal(dropped[changed], torch.full_like(dropped[changed], Vocabulary.unk_id))
+    assert not changed[:, 9:].any()  # padding stays padding
+    assert 0.25 < changed[:, :9].float().mean() < 0.35
+    assert torch.equal(dropped, train_vqa.drop_words(questions, 0.3, seed=0, step=5))
+    assert not torch.equal(dropped, train_vqa.drop_words(questions, 0.3, seed=0, step=6))
+    assert torch.equal(train_vqa.drop_words(questions, 0.0, seed=0, step=5), questions)
+    out = tmp_path / "wd"
+    argv = ["--data", str(shapes), "--out", str(out), "--epochs", "1", *TINY]
+    _run([*argv, "--word-dropout", "0.2", "--val-split", "none"])
+    assert json.loads((out / "best" / "training.json").read_text())["args"]["word_dropout"] == 0.2
+    with pytest.raises(ValueError, match="--word-dropout must be in"):
+        _run([*argv, "--word-dropout", "1.5"])

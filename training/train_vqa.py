@@ -124,7 +124,28 @@ def get_args_parser() -> argparse.ArgumentParser:
     model.add_argument("--count", action="store_true", help="feed each glimpse's sigmoid mass")
     model.add_argument("--no-normalize", action="store_true", help="skip the L2 norm per cell")
     model.add_argument("--dropout", type=float, default=0.1)
+    data.add_argument(
+        "--word-dropout",
+        type=float,
+        default=0.0,
+        metavar="P",
+        help="at training, each question word reads as <unk> with probability P (word dropout, "
+        "Iyyer et al. 2015; Bowman et al. 2016): the model learns to answer from the words it "
+        "knows among ones it does not",
+    )
     return p
+
+
+def drop_words(questions: torch.Tensor, p: float, seed: int, step: int) -> torch.Tensor:
+    """`questions` (Q, T) with each word (not padding) replaced by `<unk>` with probability `p`,
+    drawn from (seed, step): the same on a resumed run and on every rank."""
+    if not 0 <= p < 1:
+        raise ValueError(f"--word-dropout must be in [0, 1), got {p}")
+    generator = torch.Generator().manual_seed(seed * 1_000_003 + step)
+    dropped = (torch.rand(questions.shape, generator=generator) < p) & (
+        questions != Vocabulary.pad_id
+    )
+    return questions.masked_fill(dropped, Vocabulary.unk_id)
 
 
 def question_encoder(args: argparse.Namespace) -> tuple[str, bool]:
@@ -211,6 +232,8 @@ class VQATask(loop.Task):
     def __init__(self, args: argparse.Namespace, d, show: bool):
         if not args.data:
             raise ValueError("--data is required (the folder of VQA v2 splits)")
+        if not 0 <= args.word_dropout < 1:
+            raise ValueError(f"--word-dropout must be in [0, 1), got {args.word_dropout}")
         super().__init__(args, d, show)
         self.root = Path(args.data)
         self.train_split = load_split(self.root, args.train_split)
@@ -272,7 +295,10 @@ class VQATask(loop.Task):
 
     def loss(self, net, inputs, payload, step: int, total_steps: int) -> torch.Tensor:
         device = inputs.device
-        questions, local, targets = (t.to(device) for t in payload)
+        questions, local, targets = payload
+        if self.args.word_dropout > 0:
+            questions = drop_words(questions, self.args.word_dropout, self.args.seed, step)
+        questions, local, targets = questions.to(device), local.to(device), targets.to(device)
         _, loss = net(inputs, questions, local, targets)
         return loss
 
