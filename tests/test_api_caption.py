@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
+import dataclasses
 import io
+import threading
 
 import numpy as np
 import pytest
@@ -11,8 +14,10 @@ import torch
 from PIL import Image
 
 from api.app import create_app
+from api.routes.caption import INLINE_ATTENTION_VALUES, response_bodies
 from captioner.caption.captioner import Captioner
 from captioner.paths import DEFAULT_CAPTION_MODEL
+from captioner.results import AttentionFormat, CaptionResult
 from tests.api_fixtures import (
     GRID,
     TestClient,
@@ -130,6 +135,30 @@ def test_png_attention_overlays_decode(client):
         with Image.open(io.BytesIO(base64.b64decode(text, validate=True))) as im:
             assert im.format == "PNG"
             assert im.size == source.size  # drawn over the uploaded image
+
+
+def test_response_bodies_leave_the_event_loop_for_png_and_large_grids(captioner):
+    image = noise_image(7)
+    [small] = captioner.caption([image], max_length=3)
+    large = dataclasses.replace(small, attention=np.ones((INLINE_ATTENTION_VALUES + 1, 1, 1)))
+    threads: list[int] = []
+
+    class Watched(CaptionResult):
+        def to_dict(self, attention=AttentionFormat.grid, image=None):
+            threads.append(threading.get_ident())
+            return super().to_dict(attention, image)
+
+    async def off_the_loop(result: CaptionResult, fmt: AttentionFormat) -> bool:
+        threads.clear()
+        fields = {f.name: getattr(result, f.name) for f in dataclasses.fields(result)}
+        [body] = await response_bodies([Watched(**fields)], fmt, [image])
+        assert body == result.to_dict(fmt, image)
+        return threads != [threading.get_ident()]
+
+    assert not asyncio.run(off_the_loop(small, AttentionFormat.none))
+    assert not asyncio.run(off_the_loop(small, AttentionFormat.grid))  # 3 x 4 x 4 values
+    assert asyncio.run(off_the_loop(small, AttentionFormat.png))
+    assert asyncio.run(off_the_loop(large, AttentionFormat.grid))
 
 
 def test_model_without_attention_returns_null(tmp_path):

@@ -6,7 +6,6 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, File, Form, Query, Request, UploadFile
 from pydantic import AfterValidator
-from starlette.concurrency import run_in_threadpool
 
 from captioner.results import AttentionFormat
 from captioner.vocab import tokenize
@@ -14,7 +13,7 @@ from captioner.vocab import tokenize
 from ..deps import ApiKeyDep, SettingsDep, VQADep
 from ..schemas import ERRORS, VQAResponse
 from ..uploads import decoded_upload, with_timeout
-from .caption import AttentionQuery
+from .caption import AttentionQuery, response_bodies
 
 router = APIRouter(tags=["vqa"], dependencies=[ApiKeyDep], responses=ERRORS)
 
@@ -49,6 +48,7 @@ async def vqa(
         )
         result, batch_size = await service.answer(decoded.data, decoded.pixels, question, top_k)
         request.state.log_fields["batch_size"] = batch_size
-        return await run_in_threadpool(result.to_dict, attention, decoded.image)
+        [body] = await response_bodies([result], attention, [decoded.image])
+        return body
 
     return await with_timeout(work(), settings.request_timeout_s)
