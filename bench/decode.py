@@ -19,6 +19,8 @@ means twice the floor's time.
 
 Last line (JSON): encoder_ms, encoder_floor_ratio(_median), floor_gflops_per_s, floor_source,
 decode_floor_ratio (batched beam 3, batch 32, 14x14), decode_ms_per_image, decode_mean_words,
+decode_floor_ratio_fused (the same with the attention energy fused, `SoftAttention.fuse`, best of
+rounds alternated with eager ones), fused_identical,
 beam_speedup {"8", "32"} (beam 3, 14x14), captions_identical, beam_speedup_14x14_b5,
 beam_identical_14x14_b5, step_ms and step_parts (one step of beam 3 over 32 images),
 energy_chunked_ms / energy_unchunked_ms, int8_speedup and int8_identical (demo captioner),
@@ -240,6 +242,45 @@ def bench_decode_floor(args, decoder, features, device) -> dict:
         "decode_floor_ratio_median": ratios[len(ratios) // 2],
         "decode_ms_per_image": 1000 * t_best / len(features),
         "decode_mean_words": sum(words) / len(words),
+    }
+
+
+def bench_fused(args, decoder, features, device) -> dict:
+    """`bench_decode_floor` with the attention energy fused (`SoftAttention.fuse`), eager and
+    fused rounds alternated, each against the floor measured beside it; captions compared."""
+    eager = beam_search(decoder, features, 3, 20)
+    compiled = decoder.attend.fuse().fused
+    try:
+        started = time.perf_counter()
+        fused = beam_search(decoder, features, 3, 20)  # compiles
+        compile_s = time.perf_counter() - started
+        with FlopCounterMode(display=False) as counter:
+            beam_search(decoder, features, 3, 20)
+        flops = counter.get_total_flops()
+        rounds: dict[str, list[float]] = {"eager": [], "fused": []}
+        for _ in range(args.rounds):
+            for name in ("eager", "fused"):
+                decoder.attend.fused = compiled if name == "fused" else None
+                t = best_time(lambda: beam_search(decoder, features, 3, 20), device, args.repeat, 1)
+                peak, _ = peak_flops_per_s(device, torch.float32)
+                rounds[name].append(t * peak / flops)
+    finally:
+        decoder.attend.fused = None
+    ratios = {name: sorted(r) for name, r in rounds.items()}
+    identical = _tokens(eager) == _tokens(fused)
+    print(
+        f"fused attention energy (torch.compile, {compile_s:.0f} s to compile), beam 3 over "
+        f"{len(features)} at 14x14, vs floor over {args.rounds} alternated rounds: fused "
+        + ", ".join(f"{r:.2f}x" for r in ratios["fused"])
+        + "; eager "
+        + ", ".join(f"{r:.2f}x" for r in ratios["eager"])
+        + f"; identical captions: {identical}"
+    )
+    return {
+        "decode_floor_ratio_fused": ratios["fused"][0],
+        "decode_floor_ratio_fused_median": ratios["fused"][len(ratios["fused"]) // 2],
+        "decode_floor_ratio_eager_alternated": ratios["eager"][0],
+        "fused_identical": identical,
     }
 
 
@@ -481,6 +522,8 @@ def main() -> None:
     torch.manual_seed(2)
     features = torch.randn(args.images, 196, 2048, device=device)
     result.update(bench_decode_floor(args, decoder, features, device))
+    if not args.no_compile and device.type == "cpu":
+        result.update(bench_fused(args, decoder, features, device))
     b3 = bench_beam(args, decoder, features, device, 3, (8, 32))
     b5 = bench_beam(args, decoder, features, device, 5, (32,))
     result.update(

@@ -425,3 +425,30 @@ def test_a_watch_that_stops_wanting_an_image_ends_its_search(beam_size, demo_fea
     with _Recorder(decoder, stop_after_words=dict.fromkeys(range(len(feats)), 0)) as nobody:
         beam_search(decoder, feats, beam_size, 20, watch=nobody)
     assert nobody.steps == 1 < recorder.steps and not nobody.heard
+
+
+def test_fused_attention_energy_gives_the_eager_search_and_leaves_training_alone():
+    """`SoftAttention.fuse` (torch.compile of add, tanh and score) is an inference-only change:
+    the same captions and, within float rounding, the same log-probs and attention."""
+    decoder, feats = _sharp_random_decoder()
+    want = beam_search(decoder, feats, 3, 12)
+    decoder.attend.fuse()
+    try:
+        got = beam_search(decoder, feats, 3, 12)
+        got_greedy = greedy(decoder, feats[:3], 12)  # another batch size: compiled dynamically
+        assert [h[0].tokens for h in got] == [h[0].tokens for h in want]
+        for g, w in zip(got, want, strict=True):
+            assert g[0].token_logprobs == pytest.approx(w[0].token_logprobs, abs=1e-5)
+            torch.testing.assert_close(g[0].attention, w[0].attention, atol=1e-6, rtol=1e-5)
+        assert [h.tokens for h in got_greedy] == [
+            h[0].tokens for h in beam_search(decoder, feats[:3], 1, 12)
+        ]
+        # Training reads the eager path (the compiled function is never differentiated).
+        memory = decoder.memory(feats[:2])
+        hidden = torch.randn(2, decoder.config.hidden_dim, requires_grad=True)
+        with torch.enable_grad():
+            context, _ = decoder.attend(memory.features, memory.projected, hidden)
+            context.sum().backward()
+        assert hidden.grad is not None and hidden.grad.abs().sum() > 0
+    finally:
+        decoder.attend.fused = None
