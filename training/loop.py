@@ -541,6 +541,10 @@ def _fit(make_task, args, d: Dist, run: Path, argv: list[str] | None) -> dict:
             save(0)
         stop = broadcast_flag(early.should_stop, d)
         barrier(d)
+    # Every rank leaves together: stopped by the time budget, rank 0 is still saving while the
+    # others would tear the process group down under it (once seen: a rank aborting in gloo's
+    # teardown, "terminate called without an active exception").
+    barrier(d)
     return {
         "step": step,
         "epoch": epoch,
