@@ -36,11 +36,19 @@ async def _validation_error(request: Request, exc: RequestValidationError) -> JS
     return JSONResponse({"detail": validation_detail(list(exc.errors()))}, status_code=422)
 
 
+BUSY = (QueueFullError, BatcherClosedError)  # answered 503 + Retry-After
+INTERNAL = "internal server error"  # the detail of a 500: nothing about the code leaks
+
+
+def busy_detail(exc: Exception) -> str:
+    return f"{exc}; retry later"
+
+
 async def _busy(request: Request, exc: Exception) -> JSONResponse:
     from .deps import RETRY_AFTER_S
 
     return JSONResponse(
-        {"detail": f"{exc}; retry later"},
+        {"detail": busy_detail(exc)},
         status_code=503,
         headers={"Retry-After": str(RETRY_AFTER_S)},
     )
@@ -48,12 +56,12 @@ async def _busy(request: Request, exc: Exception) -> JSONResponse:
 
 async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
     logger.exception("unhandled error on %s %s", request.method, request.url.path)
-    return JSONResponse({"detail": "internal server error"}, status_code=500)
+    return JSONResponse({"detail": INTERNAL}, status_code=500)
 
 
 def install(app: FastAPI) -> None:
     app.add_exception_handler(StarletteHTTPException, _http_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
-    app.add_exception_handler(QueueFullError, _busy)
-    app.add_exception_handler(BatcherClosedError, _busy)
+    for busy in BUSY:
+        app.add_exception_handler(busy, _busy)
     app.add_exception_handler(Exception, _unexpected)

@@ -1,8 +1,7 @@
 """Streamed captions: words from the micro-batcher's worker thread to the client, as SSE.
 
     stream = CaptionStream(captioner, loop)
-    task = asyncio.ensure_future(service.caption([pixels], 3, 20, stream=stream))
-    stream.follow(task)
+    stream.follow(asyncio.ensure_future(service.caption_streamed(pixels, 3, 20, stream)))
     item = await stream.next()  # [CaptionWord, ...] as the search fixes them, then the result
 
 The search calls `words` and `wanted` (a `captioner.caption.search.Watch`) in the worker thread;

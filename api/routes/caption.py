@@ -14,8 +14,8 @@ from starlette.concurrency import run_in_threadpool
 
 from captioner.results import AnswerResult, AttentionFormat, CaptionResult
 
-from ..batching import BatcherClosedError, QueueFullError
 from ..deps import ApiKeyDep, CaptionerDep, MetricsDep, SettingsDep
+from ..errors import BUSY, INTERNAL, busy_detail
 from ..prometheus import Metrics
 from ..schemas import ERRORS, STREAM_RESPONSE, CaptionBatchResponse, CaptionResponse
 from ..streaming import CaptionStream, sse, word_events
@@ -191,14 +191,14 @@ async def _events(
                 outcome = "timeout"
                 yield sse("error", {"detail": timeout_detail(limit), "status": 504})
                 return
-            except (QueueFullError, BatcherClosedError) as exc:
+            except BUSY as exc:  # as the app's error handlers answer them (api/errors.py)
                 outcome = "error"
-                yield sse("error", {"detail": f"{exc}; retry later", "status": 503})
+                yield sse("error", {"detail": busy_detail(exc), "status": 503})
                 return
             except Exception:
                 outcome = "error"
                 logger.exception("streamed caption failed after its first word")
-                yield sse("error", {"detail": "internal server error", "status": 500})
+                yield sse("error", {"detail": INTERNAL, "status": 500})
                 return
         result, batch_size = item
         request.state.log_fields["batch_size"] = batch_size
