@@ -175,6 +175,26 @@ def test_paraphrase_writes_the_questions_reworded_with_the_same_ids(dataset, tmp
     assert files(tmp_path / "para") == files(dataset)
 
 
+def test_reword_train_adds_a_twin_per_training_question_and_nothing_else(dataset, tmp_path):
+    make(tmp_path / "rw", "--seed", "5", "--reword-train")
+    written = files(tmp_path / "rw")
+    changed = {p for p, b in written.items() if files(dataset).get(p) != b}
+    assert changed == {Path("train") / "questions.json", Path("train") / "annotations.json"}
+    before = load(dataset / "train" / "questions.json")["questions"]
+    after = load(tmp_path / "rw" / "train" / "questions.json")["questions"]
+    by_id = {q["question_id"]: q for q in after}
+    assert len(after) == 2 * len(before) == len(by_id)
+    answers = {a["question_id"]: a for a in load(tmp_path / "rw" / "train" / "annotations.json")["annotations"]}  # fmt: skip
+    for q in before:
+        twin = by_id[q["question_id"] + 50]
+        assert by_id[q["question_id"]] == q and twin["image_id"] == q["image_id"]
+        assert twin["question"] != q["question"]
+        a, b = answers[q["question_id"]], answers[twin["question_id"]]
+        assert {**a, "question_id": None} == {**b, "question_id": None}
+    make(tmp_path / "rw", "--seed", "5")  # rewritten without the flag: no twin left
+    assert files(tmp_path / "rw") == files(dataset)
+
+
 def test_evaluate_vqa_scores_the_paraphrased_questions(tmp_path):
     out = tmp_path / "shapes"
     main(get_args_parser().parse_args(["--out", str(out), "--train", "0", "--val", "0", "--test", "4",

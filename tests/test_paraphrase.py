@@ -11,9 +11,11 @@ from captioner.data.paraphrase import (
     KEPT_WORDS,
     PARAPHRASE_TEMPLATES,
     REPLACED_WORDS,
+    REWORDING_TEMPLATES,
     SYNONYMS,
     paraphrase,
     parse_question,
+    reword,
 )
 from captioner.data.shapes import QUESTION_TEMPLATES, QUESTION_WORDS, SCENE_WORDS, generate_split
 from captioner.vocab import tokenize
@@ -164,3 +166,61 @@ def test_the_docstring_and_readme_list_every_substitution():
     for words in SYNONYMS.values():
         for w in words:
             assert w in readme, w
+
+
+@pytest.fixture(scope="module")
+def rewordings():
+    """(question, its rewording) for every question of 300 scenes."""
+    scenes = generate_split(300, seed=12)
+    return [
+        (q, reword(q.question, random.Random(s.seed * 100 + k)))
+        for s in scenes
+        for k, q in enumerate(s.questions)
+    ]
+
+
+def test_rewordings_use_only_the_generators_words_and_every_template(rewordings):
+    for q, r in rewordings:
+        assert r != q.question and r.endswith("?")
+        assert set(tokenize(r)) <= QUESTION_WORDS, (q.question, r)
+        assert parse_question(q.question)[0] in REWORDING_TEMPLATES
+    texts = [r for _, r in rewordings]
+    for form, templates in REWORDING_TEMPLATES.items():
+        for template in templates:
+            parts = re.split(r"\{\w+\}", template)
+            pattern = re.compile(".+?".join(map(re.escape, parts)))
+            assert any(pattern.fullmatch(t) for t in texts), (form, template)
+
+
+INVERSE = {"left": "right", "right": "left", "above": "below", "below": "above"}
+
+
+def _direction(words: list[str]) -> str | None:
+    found = [w for w in words if w in INVERSE]
+    assert len(found) <= 1, words
+    return found[0] if found else None
+
+
+def test_rewordings_ask_the_same_thing(rewordings):
+    """Same scene words (a relation asked the other way round swaps its two objects), and the
+    direction is the same, or its inverse exactly when the objects swap places."""
+    swapped = 0
+    for q, r in rewordings:
+        words, canonical = tokenize(r), tokenize(q.question)
+        scene_r = [w for w in words if w in SCENE_WORDS]
+        scene_q = [w for w in canonical if w in SCENE_WORDS]
+        assert sorted(scene_r) == sorted(scene_q), (q.question, r)
+        direction = _direction(canonical)
+        if direction is None:
+            assert _direction(words) is None and scene_r == scene_q, (q.question, r)
+        elif _direction(words) == direction:
+            assert scene_r == scene_q, (q.question, r)
+        else:
+            assert _direction(words) == INVERSE[direction], (q.question, r)
+            form, fields = parse_question(q.question)
+            a, b = fields["a"].split(), fields["b"].split()
+            assert form == "relation" and scene_r == b + a, (q.question, r)
+            swapped += 1
+        for cue in ("color", "shape", "many"):
+            assert (cue in words) == (cue in canonical), (q.question, r)
+    assert swapped > 0

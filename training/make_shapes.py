@@ -7,6 +7,10 @@ Per split, DIR/<split>/ holds `images/<id>.png`, `captions.json` (MS-COCO captio
 centre, bbox and COCO RLE mask). The same seed gives byte-identical files; each split's scenes depend
 only on (seed, split name), and image ids never collide across splits.
 
+`--reword-train` gives each training question a twin in another word order of the generator's own
+words (`captioner.data.paraphrase.reword`; same image and answer, question id + 50), so that a
+model sees more than one sentence structure per form but no word a paraphrase brings in.
+
 `--paraphrase` also writes `questions_paraphrased.json`: the same questions (same ids, images and
 answers) in words the generated questions never use (`captioner.data.paraphrase` lists them), so
 `annotations.json` scores it as it does `questions.json`:
@@ -31,7 +35,7 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from captioner.data.paraphrase import paraphrase
+from captioner.data.paraphrase import paraphrase, reword
 from captioner.data.shapes import (
     Scene,
     ShapeObject,
@@ -97,32 +101,44 @@ def _write_json(path: Path, data: Any) -> None:
     write_text_atomic(path, json.dumps(data, separators=(",", ":")) + "\n")
 
 
+REWORDED_ID = 50  # a reworded twin's question id: its question's + this (a scene asks at most 10)
+
+
 def _question_id(scene: Scene, k: int) -> int:
     return scene.image_id * 100 + k
 
 
-def _vqa_records(scenes: Sequence[Scene]) -> tuple[list[dict], list[dict]]:
+def _wordings(scene: Scene, k: int, question: str, reworded: bool) -> list[tuple[int, str]]:
+    """(question id, text) of question k: the generated one, and with `reworded` its twin."""
+    qid = _question_id(scene, k)
+    if not reworded:
+        return [(qid, question)]
+    twin = reword(question, random.Random(derive_seed(scene.seed, "reword", k)))
+    return [(qid, question), (qid + REWORDED_ID, twin)]
+
+
+def _vqa_records(scenes: Sequence[Scene], reworded: bool = False) -> tuple[list[dict], list[dict]]:
     """VQA v2 questions and annotations (10 identical answers each); question id = image id * 100
-    + k."""
+    + k (+ REWORDED_ID for a reworded twin)."""
     questions, answers = [], []
     for s in scenes:
         for k, q in enumerate(s.questions):
-            qid = _question_id(s, k)
-            questions.append({"image_id": s.image_id, "question": q.question, "question_id": qid})
             ten = [
                 {"answer": q.answer, "answer_confidence": "yes", "answer_id": i}
                 for i in range(1, 11)
             ]
-            answers.append(
-                {
-                    "question_id": qid,
-                    "image_id": s.image_id,
-                    "question_type": q.question_type,
-                    "answer_type": q.answer_type,
-                    "multiple_choice_answer": q.answer,
-                    "answers": ten,
-                }
-            )
+            for qid, text in _wordings(s, k, q.question, reworded):
+                questions.append({"image_id": s.image_id, "question": text, "question_id": qid})
+                answers.append(
+                    {
+                        "question_id": qid,
+                        "image_id": s.image_id,
+                        "question_type": q.question_type,
+                        "answer_type": q.answer_type,
+                        "multiple_choice_answer": q.answer,
+                        "answers": ten,
+                    }
+                )
     return questions, answers
 
 
@@ -149,11 +165,12 @@ def write_split(
     workers: int = 1,
     progress: bool | None = None,
     paraphrased: bool = False,
+    reworded: bool = False,
 ) -> None:
     """Write `scenes` into `out_dir`: images first, the JSON files last (each by temp file and
     rename, after removing old ones), so no JSON ever names an image that is not there.
     `progress=None` shows a bar only on a terminal; `paraphrased` also writes the questions
-    reworded (`PARAPHRASED`)."""
+    reworded (`PARAPHRASED`); `reworded` gives each question a reworded twin (`_wordings`)."""
     if workers < 1:
         raise ValueError(f"workers must be >= 1, got {workers}")
     out_dir = Path(out_dir)
@@ -185,16 +202,19 @@ def write_split(
         {"id": s.image_id, "file_name": s.file_name, "width": s.size, "height": s.size}
         for s in scenes
     ]
-    questions, answers = _vqa_records(scenes)
+    questions, answers = _vqa_records(scenes, reworded)
     vqa = {"task_type": "Open-Ended", "data_type": "shapes", "data_subtype": split}
     objects = [{"image_id": img["id"], **img, "objects": rec} for img, rec in zip(images, records)]
     _write_json(out_dir / "objects.json", {"info": info, "images": objects})
-    _write_json(out_dir / "questions.json", {"info": info, **vqa, "questions": questions})
-    _write_json(out_dir / "annotations.json", {"info": info, **vqa, "annotations": answers})
+    asked = info
+    if reworded:
+        asked = {**info, "wording": "each question also reworded (captioner.data.paraphrase.reword)"}
+    _write_json(out_dir / "questions.json", {"info": asked, **vqa, "questions": questions})
+    _write_json(out_dir / "annotations.json", {"info": asked, **vqa, "annotations": answers})
     if paraphrased:
-        reworded = {**info, "wording": "paraphrased (captioner.data.paraphrase)"}
+        para = {**info, "wording": "paraphrased (captioner.data.paraphrase)"}
         questions = paraphrased_records(scenes)
-        _write_json(out_dir / PARAPHRASED, {"info": reworded, **vqa, "questions": questions})
+        _write_json(out_dir / PARAPHRASED, {"info": para, **vqa, "questions": questions})
     captions = [
         {"id": s.image_id * 10 + k, "image_id": s.image_id, "caption": c}
         for s in scenes
@@ -228,6 +248,12 @@ def get_args_parser() -> argparse.ArgumentParser:
         "generated questions never use, with the same question ids, so annotations.json "
         "scores it (captioner.data.paraphrase lists the substitutions)",
     )
+    parser.add_argument(
+        "--reword-train",
+        action="store_true",
+        help="give each training question a twin in another word order of the generator's own "
+        "words (captioner.data.paraphrase.reword), same answer; val and test stay as generated",
+    )
     return parser
 
 
@@ -246,6 +272,7 @@ def main(args: argparse.Namespace) -> None:
             seed=args.seed,
             workers=args.workers,
             paraphrased=args.paraphrase,
+            reworded=args.reword_train and split == "train",
         )
         print(f"{split}: {n} images -> {args.out / split}")
 

@@ -65,9 +65,11 @@ __all__ = [
     "KEPT_WORDS",
     "PARAPHRASE_TEMPLATES",
     "REPLACED_WORDS",
+    "REWORDING_TEMPLATES",
     "SYNONYMS",
     "paraphrase",
     "parse_question",
+    "reword",
 ]
 
 # The canonical words a paraphrase may keep; every other canonical word it must replace.
@@ -135,6 +137,44 @@ PARAPHRASE_TEMPLATES: dict[str, tuple[str, ...]] = {  # by the form's key in QUE
 }
 
 
+# Other sentence structures in the generator's own words (QUESTION_WORDS only): what
+# `make_shapes --reword-train` adds to a training split, so that a model learns that the same
+# question comes in more than one word order, without ever seeing a word a paraphrase brings in.
+REWORDING_TEMPLATES: dict[str, tuple[str, ...]] = {
+    "color": (
+        "the {target} is what color?",
+        "what is the color of the {target}?",
+        "of what color is the {target}?",
+    ),
+    "shape": (
+        "the {attributes} object is what shape?",
+        "what is the shape of the {attributes} object?",
+        "of what shape is the {attributes} object?",
+    ),
+    "count": (
+        "there are how many {counted}?",
+        "of the {counted} how many are there?",
+        "how many are there of the {counted}?",
+    ),
+    "exist": (
+        "is a {target} there?",
+        "there is a {target}?",
+        "is there a {target} there?",
+    ),
+    "relation": (
+        "the {a} is {relation} the {b}?",
+        "is the {b} {inverse} the {a}?",
+        "the {b} is {inverse} the {a}?",
+    ),
+    "relation_what": (
+        "the object {relation} the {b} is what {attribute}?",
+        "what is the {attribute} of the object {relation} the {b}?",
+        "what {attribute} is there {relation} the {b}?",
+    ),
+}
+_INVERSE = {"left": "right", "right": "left", "above": "below", "below": "above"}
+
+
 def _any(words: Iterable[str]) -> str:
     return "(?:" + "|".join(re.escape(w) for w in sorted(words, key=len, reverse=True)) + ")"
 
@@ -195,3 +235,15 @@ def paraphrase(question: str, rng: random.Random) -> str:
     template = rng.choice(PARAPHRASE_TEMPLATES[form])
     fill = {name: rng.choice(SYNONYMS[name]) for name in ("colour", "form", "thing")}
     return template.format(**fields, **fill)
+
+
+def reword(question: str, rng: random.Random) -> str:
+    """`question` (a generated shapes-world question) in another word order drawn by `rng` from
+    REWORDING_TEMPLATES, in the generator's own words: same form, same answer. A relation may be
+    asked the other way round ("is the b below the a?" for "is the a above the b?"): the
+    generator asks only clear-cut relations, and those hold exactly when their inverse does."""
+    form, fields = parse_question(question)
+    if "relation" in fields:
+        direction = _DIRECTION[fields["relation"]]
+        fields["inverse"] = RELATION_PHRASES[_INVERSE[direction]]
+    return rng.choice(REWORDING_TEMPLATES[form]).format(**fields)
