@@ -29,6 +29,7 @@ from .deps import RETRY_AFTER_S
 from .draining import Drain, DrainMiddleware
 from .linger import LingerMiddleware
 from .logs import RequestLogMiddleware
+from .model_process import CaptionerProcess
 from .prometheus import Metrics
 from .routes import caption, docs, health, page, samples, vqa
 from .routes.page import STATIC_DIR
@@ -42,6 +43,10 @@ logger = logging.getLogger("captioner.api")
 def _load_captioner(path: Path, settings: Settings) -> Any:
     from captioner.caption.captioner import Captioner
 
+    if settings.model_process:
+        return CaptionerProcess.start(
+            path, settings.device, settings.quantize, max_rows=settings.max_batch_size
+        )
     return Captioner.load(path, device=settings.device, quantize=settings.quantize)
 
 
@@ -99,7 +104,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         yield
     finally:
         for service in app.state.services.values():
-            await service.batcher.close()
+            await service.close()
         app.state.services = {}
 
 

@@ -1,12 +1,13 @@
 """The loaded models behind the routes, each with its own micro-batcher.
 
 `CaptionService.run_batch` stacks every waiting image into one encoder pass, then decodes in one
-batched beam search per distinct (beam_size, max_length); each image's domain score comes from the
-same features. A streamed caption's job carries its `CaptionStream`, which hears its image's words
-from that same search. `VQAService.run_batch` goes through the
-answerer's own feature cache (`Answerer.image_memory`: cached images cost nothing, each distinct
-new image is encoded once), then answers in one pass per distinct top_k. Both run in the
-batcher's worker thread, never on the event loop.
+batched beam search per distinct (beam_size, max_length) (`api.caption_work.caption_batch`), in
+this process or, with `Settings.model_process`, in the captioner's own (`api.model_process`);
+each image's domain score comes from the same features. A streamed caption's job carries its
+`CaptionStream`, which hears its image's words from that same search. `VQAService.run_batch`
+goes through the answerer's own feature cache (`Answerer.image_memory`: cached images cost
+nothing, each distinct new image is encoded once), then answers in one pass per distinct top_k.
+Both run in the batcher's worker thread, never on the event loop.
 """
 
 from __future__ import annotations
@@ -16,24 +17,18 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from starlette.concurrency import run_in_threadpool
 
 from captioner.caption.captioner import Captioner
-from captioner.caption.search import Watch, Word
-from captioner.results import AnswerResult, CaptionResult
+from captioner.results import AnswerResult, CaptionResult, CaptionWord
 from captioner.vqa.answerer import Answerer
 
 from .batching import MicroBatcher
+from .caption_work import Listeners, caption_batch, groups
+from .model_process import CaptionerProcess
 from .prometheus import Metrics
 from .settings import Settings
 from .streaming import CaptionStream
-
-
-def _groups(keys: Sequence[Any]) -> dict[Any, list[int]]:
-    """Indices of equal keys, in first-seen order."""
-    groups: dict[Any, list[int]] = {}
-    for index, key in enumerate(keys):
-        groups.setdefault(key, []).append(index)
-    return groups
 
 
 def _batcher(name: str, run_batch, settings: Settings, metrics: Metrics) -> MicroBatcher:
@@ -55,59 +50,53 @@ class CaptionJob:
     stream: CaptionStream | None = None  # a streamed caption: hears its words
 
 
-class _Streams(Watch):
-    """One search's watch: row i of the search is job `jobs[i]`; only streamed jobs listen."""
+class _Streams(Listeners):
+    """The streams of a batch's jobs (None for a job nobody streams)."""
 
     def __init__(self, jobs: Sequence[CaptionJob]):
         self.streams = [job.stream for job in jobs]
 
-    def words(self, image: int, words: list[Word]) -> None:
-        stream = self.streams[image]
+    def words(self, row: int, words: list[CaptionWord]) -> None:
+        stream = self.streams[row]
         if stream is not None:
-            stream.words(0, words)
+            stream.words(words)
 
-    def wanted(self, image: int) -> bool:
-        stream = self.streams[image]
-        return stream is None or stream.wanted(0)
+    def wanted(self, row: int) -> bool:
+        stream = self.streams[row]
+        return stream is None or not stream.stopped
 
 
 class CaptionService:
+    """The captioner behind the routes: in this process (`captioner`), or with
+    `settings.model_process` in a process of its own (`api.model_process`), which the event
+    loop's Python never holds up."""
+
     name = "captioner"
 
-    def __init__(self, captioner: Captioner, settings: Settings, metrics: Metrics):
-        self.captioner = captioner
+    def __init__(self, model: Captioner | CaptionerProcess, settings: Settings, metrics: Metrics):
+        self.model = model
         self.batcher: MicroBatcher[CaptionJob, CaptionResult] = _batcher(
             self.name, self.run_batch, settings, metrics
         )
 
     @property
     def input_size(self) -> int:
-        return self.captioner.input_size
+        return self.model.input_size
 
     def model_ref(self) -> dict[str, str]:
-        return {"name": self.captioner.name, "version": self.captioner.version}
+        return {"name": self.model.name, "version": self.model.version}
 
     def metadata(self) -> dict[str, Any]:
-        return self.captioner.metadata()
+        return self.model.metadata()
 
     def run_batch(self, jobs: list[CaptionJob]) -> list[CaptionResult]:
-        with torch.inference_mode():
-            features = self.captioner.encode(torch.stack([job.pixels for job in jobs]))  # (B, L, D)
-            results: list[CaptionResult | None] = [None] * len(jobs)
-            for (beam_size, max_length), rows in _groups(
-                [(job.beam_size, job.max_length) for job in jobs]
-            ).items():
-                index = torch.tensor(rows, device=features.device)
-                group = [jobs[r] for r in rows]
-                decoded = self.captioner.caption_features(
-                    features.index_select(0, index),
-                    beam_size=beam_size,
-                    max_length=max_length,
-                    watch=_Streams(group) if any(job.stream for job in group) else None,
-                )
-                for row, result in zip(rows, decoded, strict=True):
-                    results[row] = result
-        return results  # type: ignore[return-value]
+        pixels = torch.stack([job.pixels for job in jobs])
+        options = [(job.beam_size, job.max_length) for job in jobs]
+        streamed = [job.stream is not None for job in jobs]
+        listeners = _Streams(jobs) if any(streamed) else None
+        if isinstance(self.model, Captioner):
+            return caption_batch(self.model, pixels, options, streamed, listeners)
+        return self.model.caption_batch(pixels, options, streamed, listeners)
 
     async def caption(
         self, pixels: Sequence[torch.Tensor], beam_size: int, max_length: int
@@ -121,6 +110,11 @@ class CaptionService:
     ) -> tuple[CaptionResult, int]:
         """One image's caption, its words told to `stream` as the search fixes them."""
         return await self.batcher.submit(CaptionJob(pixels, beam_size, max_length, stream))
+
+    async def close(self) -> None:
+        await self.batcher.close()
+        if not isinstance(self.model, Captioner):
+            await run_in_threadpool(self.model.close)
 
 
 @dataclass(frozen=True)
@@ -158,7 +152,7 @@ class VQAService:
             # (B, L, M), and each image's domain score (computed when it was encoded) or None
             memory, scores = self.answerer.image_memory(keys, lambda i: jobs[i].pixels)
             results: list[AnswerResult | None] = [None] * len(jobs)
-            for top_k, rows in _groups([job.top_k for job in jobs]).items():
+            for top_k, rows in groups([job.top_k for job in jobs]).items():
                 index = torch.tensor(rows, device=memory.device)
                 answers = self.answerer.answer_features(
                     memory.index_select(0, index),
@@ -174,3 +168,6 @@ class VQAService:
         self, data: bytes, pixels: torch.Tensor, question: str, top_k: int
     ) -> tuple[AnswerResult, int]:
         return await self.batcher.submit(VQAJob(data, pixels, question, top_k))
+
+    async def close(self) -> None:
+        await self.batcher.close()

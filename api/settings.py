@@ -33,6 +33,10 @@ class Settings(BaseSettings):
     vqa_model: Path | None = DEFAULT_VQA_MODEL
     device: str = "cpu"
     quantize: Literal["int8"] | None = None  # int8 LSTM and linear layers (CPU); "" is None
+    # The captioner in a process of its own (api/model_process.py): the event loop's Python then
+    # never holds up the search (bench/serve.py measures both). Off: in this process's worker
+    # thread, as the VQA model always is (one torch fewer in memory, no start-up of a child).
+    model_process: bool = True
 
     # When set, every model endpoint needs `Authorization: Bearer <key>` or `X-API-Key: <key>`.
     api_key: SecretStr | None = None

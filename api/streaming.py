@@ -1,13 +1,14 @@
 """Streamed captions: words from the micro-batcher's worker thread to the client, as SSE.
 
-    stream = CaptionStream(captioner, loop)
+    stream = CaptionStream(loop)
     stream.follow(asyncio.ensure_future(service.caption_streamed(pixels, 3, 20, stream)))
     item = await stream.next()  # [CaptionWord, ...] as the search fixes them, then the result
 
-The search calls `words` and `wanted` (a `captioner.caption.search.Watch`) in the worker thread;
-`words` hands the words to the event loop with `call_soon_threadsafe`, and the result comes
-after every word (the worker's result is delivered by the same queue of callbacks, later). A
-client that goes away sets `stopped`: the search drops the image at its next step.
+The batch's listeners (`api.caption_work.Listeners`) call `words` in the batcher's worker thread
+(with the model in a process of its own, as that process's messages arrive); `words` hands the
+words to the event loop with `call_soon_threadsafe`, and the result comes after every word (the
+worker's result is delivered by the same queue of callbacks, later). A client that goes away sets
+`stopped`: the search drops the image at its next step.
 """
 
 from __future__ import annotations
@@ -19,16 +20,13 @@ from typing import Any
 
 from fastapi.sse import format_sse_event
 
-from captioner.caption.captioner import Captioner
-from captioner.caption.search import Watch, Word
 from captioner.results import CaptionResult, CaptionWord
 
 _END = object()
 
 
-class CaptionStream(Watch):
-    def __init__(self, captioner: Captioner, loop: asyncio.AbstractEventLoop):
-        self.captioner = captioner
+class CaptionStream:
+    def __init__(self, loop: asyncio.AbstractEventLoop):
         self.stopped = False  # set on the event loop, read by the worker thread
         self._loop = loop
         self._queue: asyncio.Queue[Any] = asyncio.Queue()
@@ -36,14 +34,11 @@ class CaptionStream(Watch):
         self._task: asyncio.Future | None = None
 
     # -- the worker thread's side (the search) ----------------------------------------------------
-    def words(self, image: int, words: list[Word]) -> None:
-        fresh = [self.captioner.caption_word(w) for w in words if w.position >= self._told]
+    def words(self, words: list[CaptionWord]) -> None:
+        fresh = [w for w in words if w.index >= self._told]
         if fresh:
             self._told = fresh[-1].index + 1
             self._loop.call_soon_threadsafe(self._queue.put_nowait, fresh)
-
-    def wanted(self, image: int) -> bool:
-        return not self.stopped
 
     # -- the event loop's side (the route) --------------------------------------------------------
     def follow(self, task: asyncio.Future) -> None:

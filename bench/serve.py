@@ -1,8 +1,10 @@
 """The service under load: throughput and latency of `POST /caption` with micro-batching on and off,
 and the service's overhead over the library on the same work.
 
-Starts two `captioner serve` processes on 127.0.0.1 (free ports; loopback only), one with
-CAPTIONER_MAX_BATCH_SIZE=16 and one with =1, and drives each in turn with N concurrent clients
+Starts a `captioner serve` process per mode on 127.0.0.1 (free ports; loopback only): `on`
+(CAPTIONER_MAX_BATCH_SIZE=16, the captioner in a process of its own: the service's defaults),
+`off` (=1), `thread` (=16, CAPTIONER_MODEL_PROCESS=false: the captioner in the batcher's worker
+thread of the server's own process), and drives each in turn with N concurrent clients
 sending real JPEGs (shapes-world scenes, or the coco-mini photos) for T seconds in all, split into
 alternating rounds so that other jobs on a shared machine weigh on all sides alike. The clients
 are plain HTTP/1.1 on asyncio streams, each on its own keep-alive connection, with every request
@@ -26,13 +28,14 @@ caption runs to `max_length` (20 words by default; a trained model's shapes capt
 so the stand-in's figures are pessimistic).
 
     python bench/serve.py [--clients 16] [--seconds 20] [--rounds 4] [--images shapes|coco]
-                          [--threads N] [--modes on,off]
+                          [--threads N] [--modes on,off,thread]
 
-Peak memory is each server process's VmHWM (peak resident set) from /proc; `model_ms_per_image`
+Peak memory is the VmHWM (peak resident set) from /proc of each server process and the
+processes it started, summed; server CPU counts them all too; `model_ms_per_image`
 and `model_busy` come from the server's batch-duration histogram. Last line: {"batching_speedup",
 "errors", "compared_mode", "batch_size", "library_batch_size", "threads", "library_rps",
 "service_rps", "service_overhead", "on": {"rps", "p50_ms", "p95_ms", "p99_ms", "peak_rss_mb"},
-"off": {...}}.
+"off": {...}, "thread": {...}} (the modes run).
 """
 
 from __future__ import annotations
@@ -64,7 +67,8 @@ from captioner.paths import DEFAULT_CAPTION_MODEL
 from captioner.vocab import Vocabulary
 
 COCO_MINI = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "coco-mini" / "images"
-MODES = {"on": 16, "off": 1}  # CAPTIONER_MAX_BATCH_SIZE
+# CAPTIONER_MAX_BATCH_SIZE and CAPTIONER_MODEL_PROCESS of each server
+MODES = {"on": (16, True), "off": (1, True), "thread": (16, False)}
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -91,7 +95,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--modes",
         default="on,off",
-        help="which of on,off to run; the library is compared with the first",
+        help="which servers to run, the library compared with the first: on (batches of up to "
+        "16, the captioner in its own process: the service's defaults), off (batches of 1), "
+        "thread (batches of up to 16, the captioner in the server's own process)",
     )
     p.add_argument(
         "--threads",
@@ -146,15 +152,18 @@ def jpegs(kind: str, n: int = 64) -> list[bytes]:
 
 
 def start_server(
-    model: Path, batch_size: int, clients: int, threads: int, log: Path
+    model: Path, mode: str, clients: int, threads: int, log: Path
 ) -> tuple[subprocess.Popen, str]:
-    """`captioner serve` with the caption model only, at most `batch_size` images a batch, and
-    `threads` torch threads (OMP_NUM_THREADS: the service sets none of its own)."""
+    """`captioner serve` with the caption model only, as `mode` says (MODES: at most so many
+    images a batch; the captioner in a process of its own or in the server's), and `threads`
+    torch threads (OMP_NUM_THREADS: the service sets none of its own)."""
+    batch_size, model_process = MODES[mode]
     env = dict(os.environ)
     env.update(
         CAPTIONER_CAPTION_MODEL=str(model),
         CAPTIONER_VQA_MODEL="",
         CAPTIONER_MAX_BATCH_SIZE=str(batch_size),
+        CAPTIONER_MODEL_PROCESS=str(model_process).lower(),
         CAPTIONER_MAX_QUEUE=str(max(64, 4 * clients)),
         CAPTIONER_API_KEY="",
         CAPTIONER_DEVICE="cpu",
@@ -440,7 +449,7 @@ def run(
     try:
         for name in names:
             log = tmp / f"server-{name}.log"
-            proc, url = start_server(model, MODES[name], args.clients, args.threads, log)
+            proc, url = start_server(model, name, args.clients, args.threads, log)
             modes.append(Mode(name, proc, url, log))
         for mode in modes:
             asyncio.run(drive(mode.url, images, args, args.warmup))
@@ -472,7 +481,9 @@ def main(args: argparse.Namespace) -> dict:
         raise ValueError(f"--threads must be in 1..256, got {args.threads}")
     names = [m.strip() for m in args.modes.split(",") if m.strip()]
     if not names or any(m not in MODES for m in names) or len(set(names)) < len(names):
-        raise ValueError(f"--modes must name on and/or off once each, got {args.modes!r}")
+        raise ValueError(
+            f"--modes must name some of {', '.join(MODES)} once each, got {args.modes!r}"
+        )
     torch.set_num_threads(args.threads)  # the library's side; the servers get OMP_NUM_THREADS
 
     with tempfile.TemporaryDirectory(prefix="bench-serve-") as tmp_name:
@@ -545,7 +556,7 @@ def print_table(results: dict, library: dict, threads: int) -> None:
     rows += ("errors", "mean_batch", "mean_words", "server_cpu_ms_per_request")
     rows += ("model_ms_per_image", "model_busy", "client_cpu_ms_per_request")
     names = list(results)
-    print(f"{'':27}" + "".join(f"{'batching ' + n:>14}" for n in names))
+    print(f"{'':27}" + "".join(f"{n:>14}" for n in names))
     for row in rows:
         print(f"{row:27}" + "".join(f"{results[n][row]!s:>14}" for n in names))
     print(

@@ -119,9 +119,11 @@ def scene_png(seed: int = 0) -> bytes:
 
 
 def settings(**overrides: Any) -> Settings:
-    """Settings for a test: no models unless given, no batching delay, small caps."""
+    """Settings for a test: no models unless given, no batching delay, small caps, the captioner
+    in this process (tests swap and gate it; tests/test_api_model_process.py covers the other)."""
     values: dict[str, Any] = {
         "caption_model": None,
+        "model_process": False,
         "vqa_model": None,
         "max_batch_delay_ms": 0,
         "max_upload_bytes": 1_000_000,
@@ -188,6 +190,6 @@ class GatedCaptioner(Captioner):
 def gate_captioner(client: TestClient) -> GatedCaptioner:
     """Swap the running app's captioner for a gated copy of itself."""
     service = client.app.state.services["captioner"]
-    gated = GatedCaptioner(service.captioner)
-    service.captioner = gated
+    gated = GatedCaptioner(service.model)
+    service.model = gated
     return gated

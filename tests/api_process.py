@@ -49,13 +49,16 @@ def start_server(
     prelude: str = "",
     timeout_s: float = 60,
 ) -> ServerProcess:
-    """`serve()` on a free loopback port in a subprocess; returns once `/ready` answers 200."""
+    """`serve()` on a free loopback port in a subprocess; returns once `/ready` answers 200.
+    The captioner runs in the server's own process (a `prelude` can patch it there) unless
+    `settings` says model_process=True."""
     port = free_port()
+    settings = {"model_process": False, **(settings or {})}
     code = (
         f"{prelude}\n"
         "from api.server import serve\n"
         f"serve('127.0.0.1', {port}, caption_model={str(caption_model)!r}, "
-        f"vqa_model={str(vqa_model)!r}, **{settings or {}!r})\n"
+        f"vqa_model={str(vqa_model)!r}, **{settings!r})\n"
     )
     log_path = log_dir / f"server-{port}.log"
     with log_path.open("w") as log:

@@ -104,7 +104,7 @@ def test_the_service_loads_int8_models_when_quantize_is_set(images):
     buf = io.BytesIO()
     images[1].save(buf, format="PNG")
     with TestClient(app) as client:
-        assert app.state.services["captioner"].captioner.quantize == "int8"
+        assert app.state.services["captioner"].model.quantize == "int8"
         response = client.post("/caption", files={"image": ("a.png", buf.getvalue())})
     assert response.status_code == 200
     [want] = Captioner.load(DEFAULT_CAPTION_MODEL, quantize="int8").caption([buf.getvalue()])

@@ -840,6 +840,7 @@ def slow_server(tmp_path, monkeypatch, scene_png, **settings) -> Iterator[SlowSe
         vqa_model=None,
         max_batch_delay_ms=0,
         cors_origins=[],
+        model_process=False,  # the decoder steps gated here are this process's
         **settings,
     )
     with serving(settings) as url:

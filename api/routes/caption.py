@@ -148,7 +148,7 @@ async def caption_stream(
         decoded_upload(image, settings.max_upload_bytes, settings.max_pixels, service.input_size),
         limit,
     )
-    stream = CaptionStream(service.captioner, loop)
+    stream = CaptionStream(loop)
     stream.follow(
         asyncio.ensure_future(
             service.caption_streamed(decoded.pixels, beam_size, max_length, stream)
