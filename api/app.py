@@ -43,11 +43,12 @@ logger = logging.getLogger("captioner.api")
 def _load_captioner(path: Path, settings: Settings) -> Any:
     from captioner.caption.captioner import Captioner
 
+    options = dict(
+        device=settings.device, quantize=settings.quantize, fuse_attention=settings.fuse_attention
+    )
     if settings.model_process:
-        return CaptionerProcess.start(
-            path, settings.device, settings.quantize, max_rows=settings.max_batch_size
-        )
-    return Captioner.load(path, device=settings.device, quantize=settings.quantize)
+        return CaptionerProcess.start(path, max_rows=settings.max_batch_size, **options)
+    return Captioner.load(path, **options)
 
 
 def _load_vqa(path: Path, settings: Settings) -> Any:

@@ -39,6 +39,12 @@ def get_args_parser() -> argparse.ArgumentParser:
     )
     cap.add_argument("--device", default="cpu", help="cpu or cuda")
     cap.add_argument("--quantize", choices=["int8"], help="int8 LSTM and linear layers (CPU)")
+    cap.add_argument(
+        "--fuse-attention",
+        action="store_true",
+        help="the attention energy as one torch.compile'd loop (compiled at load, a few seconds; "
+        "pays on CPUs where the eager tanh pass is slow; not with --quantize)",
+    )
 
     ask = sub.add_parser("ask", help="answer a question about an image; prints JSON")
     ask.add_argument("image", help="image file")
@@ -75,7 +81,9 @@ def caption_main(args: argparse.Namespace) -> int:
 
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
-    captioner = Captioner.load(args.model, device=args.device, quantize=args.quantize)
+    captioner = Captioner.load(
+        args.model, device=args.device, quantize=args.quantize, fuse_attention=args.fuse_attention
+    )
     failed = 0
     for start in range(0, len(args.images), args.batch_size):
         paths, images = [], []

@@ -1,6 +1,6 @@
 """The captioner in a process of its own, so that the event loop's Python never holds it up.
 
-    model = CaptionerProcess.start(path, device="cpu", quantize=None)  # returns once loaded
+    model = CaptionerProcess.start(path, device="cpu")  # returns once loaded
     results = model.caption_batch(pixels, [(3, 20)] * len(pixels), [False] * len(pixels))
     model.close()
 
@@ -56,8 +56,9 @@ class CaptionerProcess:
     version, input size and metadata, and `caption_batch` (`api.caption_work.caption_batch`) run
     there. Call it from one thread at a time (the batcher's worker)."""
 
-    def __init__(self, path: Path, device: str, quantize: str | None, max_rows: int):
-        self._args = (str(path), device, quantize)
+    def __init__(self, path: Path, max_rows: int, load: dict[str, Any]):
+        self._path = str(path)
+        self._load = load  # Captioner.load's keyword arguments
         self._context = multiprocessing.get_context("spawn")
         self._wanted = self._context.RawArray(ctypes.c_bool, max_rows)
         self._process: Any = None
@@ -65,11 +66,10 @@ class CaptionerProcess:
         self.info: dict[str, Any] = {}
 
     @classmethod
-    def start(
-        cls, path: str | Path, device: str = "cpu", quantize: str | None = None, max_rows: int = 64
-    ) -> CaptionerProcess:
-        """Start the child and wait until it has loaded the model (its error, if it fails)."""
-        model = cls(Path(path), device, quantize, max_rows)
+    def start(cls, path: str | Path, max_rows: int = 64, **load: Any) -> CaptionerProcess:
+        """Start the child and wait until it has loaded the model with `Captioner.load(path,
+        **load)` (device, quantize, fuse_attention); its error if that fails."""
+        model = cls(Path(path), max_rows, load)
         model._spawn()
         return model
 
@@ -85,6 +85,10 @@ class CaptionerProcess:
     @property
     def input_size(self) -> int:
         return self.info["input_size"]
+
+    @property
+    def quantize(self) -> str | None:
+        return self.info["quantize"]
 
     @property
     def pid(self) -> int | None:
@@ -150,7 +154,7 @@ class CaptionerProcess:
         parent, child = self._context.Pipe()
         process = self._context.Process(
             target=_serve,
-            args=(child, *self._args, self._wanted),
+            args=(child, self._path, self._load, self._wanted),
             name="captioner-model",
             daemon=True,  # ended with the service, whatever happens to it
         )
@@ -159,7 +163,7 @@ class CaptionerProcess:
         self._process, self._conn = process, parent
         if not parent.poll(START_TIMEOUT_S):
             self._reap()
-            raise ModelProcessError(f"the model process did not load {self._args[0]} in time")
+            raise ModelProcessError(f"the model process did not load {self._path} in time")
         try:
             kind, payload = parent.recv()
         except EOFError:
@@ -172,7 +176,7 @@ class CaptionerProcess:
             raise payload
         self.info = payload
         logger.info(
-            "model process started", extra={"fields": {"pid": process.pid, "path": self._args[0]}}
+            "model process started", extra={"fields": {"pid": process.pid, "path": self._path}}
         )
 
     def _reap(self, timeout: float = 0.0) -> int | None:
@@ -214,14 +218,14 @@ def _picklable(exc: BaseException) -> BaseException:
         return RuntimeError(f"{type(exc).__name__}: {exc}")
 
 
-def _serve(conn: Connection, path: str, device: str, quantize: str | None, wanted: Any) -> None:
+def _serve(conn: Connection, path: str, load: dict[str, Any], wanted: Any) -> None:
     """The child: load the captioner, then caption each batch the parent sends."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     from captioner.caption.captioner import Captioner
 
     try:
-        captioner = Captioner.load(path, device=device, quantize=quantize)
+        captioner = Captioner.load(path, **load)
     except Exception as exc:
         conn.send(("failed", _picklable(exc)))
         return

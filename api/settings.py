@@ -37,6 +37,9 @@ class Settings(BaseSettings):
     # never holds up the search (bench/serve.py measures both). Off: in this process's worker
     # thread, as the VQA model always is (one torch fewer in memory, no start-up of a child).
     model_process: bool = True
+    # The captioner's attention energy as one compiled loop (Captioner.fuse_attention), compiled
+    # while the model loads; pays on CPUs whose eager tanh pass is slow. Not with `quantize`.
+    fuse_attention: bool = False
 
     # When set, every model endpoint needs `Authorization: Bearer <key>` or `X-API-Key: <key>`.
     api_key: SecretStr | None = None
@@ -124,6 +127,11 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _consistent(self) -> Settings:
+        if self.fuse_attention and self.quantize is not None:
+            raise ValueError(
+                f"fuse_attention works on float weights, not with quantize={self.quantize!r}: "
+                "choose one"
+            )
         if self.quantize is not None and self.device != "cpu":
             raise ValueError(f"quantize={self.quantize!r} runs on the CPU only, not {self.device}")
         if self.max_queue < self.max_batch_images:

@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 import httpx
+import numpy as np
 import pytest
 import torch
 
@@ -191,6 +192,25 @@ def test_the_service_answers_again_after_its_model_process_is_killed(tmp_path):
         new = model_pid(client)
         assert new != pid
     wait_until(lambda: not alive(new))  # the app's shutdown ends it
+
+
+def test_fused_attention_is_loaded_in_the_child_and_gives_the_same_answers(clients):
+    """CAPTIONER_FUSE_ATTENTION reaches Captioner.load in the child, which compiles while it
+    loads; the answers are the eager captioner's (log-probs and attention within rounding)."""
+    _, inside = clients
+    app = create_app(
+        settings(caption_model=DEFAULT_CAPTION_MODEL, model_process=True, fuse_attention=True)
+    )
+    with TestClient(app) as fused:
+        assert fused.get("/ready").status_code == 200
+        for seed in (0, 3):
+            data = scene_png(seed)
+            a = fused.post("/caption?beam_size=3", files=upload(data)).json()
+            b = inside.post("/caption?beam_size=3", files=upload(data)).json()
+            assert a["tokens"] == b["tokens"]
+            assert a["token_logprobs"] == pytest.approx(b["token_logprobs"], abs=1e-5)
+            maps = [np.array(r["attention"]["maps"]) for r in (a, b)]
+            np.testing.assert_allclose(*maps, atol=1e-5)
 
 
 def test_a_model_that_cannot_load_in_the_child_is_reported_by_ready(tmp_path):

@@ -78,6 +78,7 @@ def test_cors_as_json(monkeypatch):
         ({"api_key": " padded "}, "whitespace"),
         ({"quantize": "int4"}, "quantize"),
         ({"quantize": "int8", "device": "cuda"}, "CPU only"),
+        ({"quantize": "int8", "fuse_attention": True}, "fuse_attention works on float weights"),
     ],
 )
 def test_unsafe_settings_are_refused(values, needle):

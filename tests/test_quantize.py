@@ -112,3 +112,16 @@ def test_the_service_loads_int8_models_when_quantize_is_set(images):
     torch.testing.assert_close(
         torch.tensor(response.json()["token_logprobs"]), torch.tensor(want.token_logprobs)
     )
+
+
+def test_cli_fuse_attention_flag_prints_the_same_caption_and_refuses_int8(tmp_path, images, capsys):
+    images[0].save(tmp_path / "a.png")
+    path = str(tmp_path / "a.png")
+    assert cli_main(["caption", path]) == 0
+    eager = json.loads(capsys.readouterr().out)
+    assert cli_main(["caption", path, "--fuse-attention"]) == 0
+    fused = json.loads(capsys.readouterr().out)
+    assert fused["caption"] == eager["caption"]
+    assert fused["token_logprobs"] == pytest.approx(eager["token_logprobs"], abs=1e-5)
+    assert cli_main(["caption", path, "--fuse-attention", "--quantize", "int8"]) == 2
+    assert "fuse_attention works on float weights" in capsys.readouterr().err

@@ -452,3 +452,20 @@ def test_fused_attention_energy_gives_the_eager_search_and_leaves_training_alone
         assert hidden.grad is not None and hidden.grad.abs().sum() > 0
     finally:
         decoder.attend.fused = None
+
+
+def test_a_captioner_loaded_with_fused_attention_captions_as_the_eager_one(tmp_path):
+    """`Captioner.load(fuse_attention=True)` compiles while it loads and gives the same captions;
+    a captioner without attention has nothing to fuse; int8 and fusing do not combine."""
+    eager = Captioner.load(DEFAULT_CAPTION_MODEL)
+    fused = Captioner.load(DEFAULT_CAPTION_MODEL, fuse_attention=True)
+    assert fused.model.decoder.attend.fused is not None
+    images = [render(scene) for scene in generate_split(6, seed=21)]
+    for want, got in zip(eager.caption(images), fused.caption(images), strict=True):
+        assert got.tokens == want.tokens
+        assert got.token_logprobs == pytest.approx(want.token_logprobs, abs=1e-5)
+    vocab = Vocabulary.build(["a red circle", "two blue squares"])
+    plain = Captioner(tiny_model(len(vocab), attention=False), vocab)
+    assert plain.fuse_attention() is False
+    with pytest.raises(ValueError, match="fuse_attention works on float weights.*int8"):
+        Captioner.load(DEFAULT_CAPTION_MODEL, quantize="int8", fuse_attention=True)

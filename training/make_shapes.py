@@ -208,7 +208,10 @@ def write_split(
     _write_json(out_dir / "objects.json", {"info": info, "images": objects})
     asked = info
     if reworded:
-        asked = {**info, "wording": "each question also reworded (captioner.data.paraphrase.reword)"}
+        asked = {
+            **info,
+            "wording": "each question also reworded (captioner.data.paraphrase.reword)",
+        }
     _write_json(out_dir / "questions.json", {"info": asked, **vqa, "questions": questions})
     _write_json(out_dir / "annotations.json", {"info": asked, **vqa, "annotations": answers})
     if paraphrased:

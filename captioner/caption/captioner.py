@@ -70,11 +70,20 @@ class Captioner(ModelFolder):
     # -- files ---------------------------------------------------------------------------------
     @classmethod
     def load(
-        cls, path: str | Path, device: str | torch.device = "cpu", quantize: str | None = None
+        cls,
+        path: str | Path,
+        device: str | torch.device = "cpu",
+        quantize: str | None = None,
+        fuse_attention: bool = False,
     ) -> Captioner:
         """The captioner in model folder `path`; `quantize="int8"` (CPU only) stores the decoder's
-        LSTM and linear layers as int8 (`captioner.quantize`); such a captioner cannot be saved."""
+        LSTM and linear layers as int8 (`captioner.quantize`); such a captioner cannot be saved.
+        `fuse_attention`: see `fuse_attention()` (not with int8)."""
         check_quantize(quantize, device)
+        if fuse_attention and quantize is not None:
+            raise ValueError(
+                f"fuse_attention works on float weights, not with quantize={quantize!r}: choose one"
+            )
         config, weights, side = load_model_dir(path, "captioner", required=("vocab.json",))
         try:
             encoder_config = EncoderConfig.from_dict(config["encoder"])
@@ -97,13 +106,31 @@ class Captioner(ModelFolder):
                 domain=load_domain(path, side, model.encoder.feature_dim),
             )
             captioner.quantize = quantize
-            return captioner
         except ModelDirError:
             raise
         except (KeyError, TypeError, ValueError) as exc:
             raise ModelDirError(
                 f"{path}: config.json or vocab.json does not describe a captioner: {exc}"
             ) from exc
+        if fuse_attention:
+            captioner.fuse_attention()
+        return captioner
+
+    def fuse_attention(self) -> bool:
+        """Compute the soft attention's energy at inference as one compiled loop
+        (`SoftAttention.fuse`: add, tanh and score fused; captions as eager, log-probs within
+        float rounding), compiled here by a small search rather than on the first caption (a few
+        seconds; needs the C++ compiler torch.compile's CPU backend uses). Pays where the eager
+        tanh pass is slow (README, CPU deployment). False, and nothing changed, for a captioner
+        without attention."""
+        attend = self.model.decoder.attend
+        if attend is None:
+            return False
+        attend.fuse()
+        cells = self.model.grid_hw[0] * self.model.grid_hw[1]
+        features = torch.zeros(2, cells, self.model.encoder.feature_dim, device=self.device)
+        self.caption_features(features, beam_size=2, max_length=2)
+        return True
 
     def config(self) -> dict[str, Any]:
         return {
