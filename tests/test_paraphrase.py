@@ -32,15 +32,19 @@ CANONICAL_DIRECTION = {"to left of": "left", "to right of": "right", "above": "a
 COLOUR_CUES, SHAPE_CUES = {"colour", "hue", "shade"}, {"form", "figure", "outline", "look"}
 
 
-@pytest.fixture(scope="module")
-def pairs():
-    """(question, its paraphrase) for every question of 300 scenes."""
-    scenes = generate_split(300, seed=11)
+def reworded(rewrite, seed: int) -> list:
+    """(question, `rewrite(question, rng)`) for every question of 300 scenes."""
     return [
-        (q, paraphrase(q.question, random.Random(s.seed * 100 + k)))
-        for s in scenes
+        (q, rewrite(q.question, random.Random(s.seed * 100 + k)))
+        for s in generate_split(300, seed=seed)
         for k, q in enumerate(s.questions)
     ]
+
+
+@pytest.fixture(scope="module")
+def pairs():
+    """(question, its paraphrase)."""
+    return reworded(paraphrase, seed=11)
 
 
 def _new_words() -> set[str]:
@@ -170,13 +174,8 @@ def test_the_docstring_and_readme_list_every_substitution():
 
 @pytest.fixture(scope="module")
 def rewordings():
-    """(question, its rewording) for every question of 300 scenes."""
-    scenes = generate_split(300, seed=12)
-    return [
-        (q, reword(q.question, random.Random(s.seed * 100 + k)))
-        for s in scenes
-        for k, q in enumerate(s.questions)
-    ]
+    """(question, its rewording in the generator's words)."""
+    return reworded(reword, seed=12)
 
 
 def test_rewordings_use_only_the_generators_words_and_every_template(rewordings):
