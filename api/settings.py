@@ -51,7 +51,10 @@ class Settings(BaseSettings):
 
     # Micro-batching: concurrent requests share one encoder and one decoder pass.
     max_batch_size: int = Field(16, ge=1)  # 1 turns batching off
-    max_batch_delay_ms: float = Field(10.0, ge=0, le=10_000)
+    # How long a batch may wait to fill. 0: a batch starts as soon as the model is free, with all
+    # that waits (requests gather while the model runs): with the model in its own process, a
+    # 10 ms wait left it idle while requests trickled in (bench/serve.py, README).
+    max_batch_delay_ms: float = Field(0.0, ge=0, le=10_000)
     max_queue: int = Field(64, ge=1)  # images waiting per model; beyond that 503 + Retry-After
     request_timeout_s: float = Field(30.0, gt=0)
     feature_cache_items: int = Field(256, ge=0)  # VQA image features kept; 0 disables the cache

@@ -28,7 +28,7 @@ def test_defaults():
     assert s.api_key is None
     assert s.max_upload_bytes == 10 * 1024 * 1024
     assert s.max_pixels == 40_000_000
-    assert (s.max_batch_size, s.max_batch_delay_ms, s.max_queue) == (16, 10.0, 64)
+    assert (s.max_batch_size, s.max_batch_delay_ms, s.max_queue) == (16, 0.0, 64)
     assert s.request_timeout_s == 30
     assert s.cors_origins == []
 
