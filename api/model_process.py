@@ -19,7 +19,8 @@ images are still wanted is a shared array of flags the parent keeps up to date w
 The child ignores SIGINT and SIGTERM (they are the parent's to handle: a graceful shutdown lets
 running batches finish), and ends when the parent sends None or its end of the pipe closes, so it
 never outlives the service. A child that dies fails the batch it was running (RuntimeError) and
-is started again for the next one.
+is started again for the next one; so is a child whose batch the parent gave up mid-way (a
+listener that raised), since the pipe still holds that batch's messages.
 """
 
 from __future__ import annotations
@@ -129,8 +130,9 @@ class CaptionerProcess:
                         listeners.words(row, words)
                 elif kind == "done":
                     return payload[0]
-                else:
-                    raise payload[0]
+                else:  # the batch failed in the child, which goes on: raised below
+                    failure = payload[0]
+                    break
         except (EOFError, OSError) as exc:
             code = self._reap()
             logger.error(
@@ -141,6 +143,10 @@ class CaptionerProcess:
                 f"the model process ended while captioning (exit code {code}); "
                 "a new one starts for the next batch"
             ) from exc
+        except BaseException:  # here, mid-batch (a listener failed): the pipe holds the rest of
+            self._reap()  # that batch's messages, so this child goes; a new one takes the next
+            raise
+        raise failure
 
     def close(self) -> None:
         """Ask the child to end; kill it if it has not within STOP_TIMEOUT_S."""

@@ -157,6 +157,25 @@ def test_an_error_in_the_child_is_raised_here_and_the_child_goes_on(tiny):
     assert child.pid == pid
 
 
+class Failing(Listeners):
+    def words(self, row, words):
+        raise RuntimeError("the listener failed")
+
+
+def test_a_batch_given_up_mid_way_leaves_no_stale_message_for_the_next(tiny):
+    """A listener that raises ends the batch here while the child is still at it; the next batch
+    gets its own answers (a new child), not what was left of that one."""
+    folder, here, child = tiny
+    pixels = torch.rand(2, 3, here.input_size, here.input_size)
+    old = child.pid
+    with pytest.raises(RuntimeError, match="the listener failed"):
+        child.caption_batch(pixels, [(1, 10), (1, 10)], [True, True], Failing())
+    other = torch.rand(3, 3, here.input_size, here.input_size)
+    got = child.caption_batch(other, [(3, 10)] * 3)
+    assert [r.tokens for r in got] == [r.tokens for r in caption_batch(here, other, [(3, 10)] * 3)]
+    assert child.pid != old
+
+
 def test_a_child_that_dies_fails_its_batch_and_a_new_one_takes_the_next(tiny):
     folder, here, child = tiny
     pixels = torch.rand(1, 3, here.input_size, here.input_size)
