@@ -41,6 +41,14 @@ def reworded(rewrite, seed: int) -> list:
     ]
 
 
+def assert_every_template_used(templates: dict[str, tuple[str, ...]], texts: list[str]) -> None:
+    for form, each in templates.items():
+        for template in each:
+            parts = re.split(r"\{\w+\}", template)
+            pattern = re.compile(".+?".join(map(re.escape, parts)))
+            assert any(pattern.fullmatch(t) for t in texts), (form, template)
+
+
 @pytest.fixture(scope="module")
 def pairs():
     """(question, its paraphrase)."""
@@ -97,11 +105,7 @@ def test_every_form_template_and_synonym_is_used(pairs):
     forms = Counter(parse_question(q.question)[0] for q, _ in pairs)
     assert set(forms) == set(QUESTION_TEMPLATES) == set(PARAPHRASE_TEMPLATES)
     texts = [p for _, p in pairs]
-    for form, templates in PARAPHRASE_TEMPLATES.items():
-        for template in templates:
-            parts = re.split(r"\{\w+\}", template)
-            pattern = re.compile(".+?".join(map(re.escape, parts)))
-            assert any(pattern.fullmatch(t) for t in texts), (form, template)
+    assert_every_template_used(PARAPHRASE_TEMPLATES, texts)
     for synonym in {w for words in SYNONYMS.values() for w in words}:
         assert any(re.search(rf"\b{synonym}\b", t) for t in texts), synonym
 
@@ -183,12 +187,7 @@ def test_rewordings_use_only_the_generators_words_and_every_template(rewordings)
         assert r != q.question and r.endswith("?")
         assert set(tokenize(r)) <= QUESTION_WORDS, (q.question, r)
         assert parse_question(q.question)[0] in REWORDING_TEMPLATES
-    texts = [r for _, r in rewordings]
-    for form, templates in REWORDING_TEMPLATES.items():
-        for template in templates:
-            parts = re.split(r"\{\w+\}", template)
-            pattern = re.compile(".+?".join(map(re.escape, parts)))
-            assert any(pattern.fullmatch(t) for t in texts), (form, template)
+    assert_every_template_used(REWORDING_TEMPLATES, [r for _, r in rewordings])
 
 
 INVERSE = {"left": "right", "right": "left", "above": "below", "below": "above"}
