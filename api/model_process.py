@@ -29,6 +29,7 @@ import contextlib
 import ctypes
 import logging
 import multiprocessing
+import pickle
 import signal
 from collections.abc import Sequence
 from multiprocessing.connection import Connection
@@ -215,8 +216,6 @@ class _Relay(Listeners):
 
 def _picklable(exc: BaseException) -> BaseException:
     """`exc` if it survives pickling, else a RuntimeError that says what it was."""
-    import pickle
-
     try:
         pickle.loads(pickle.dumps(exc))
         return exc
