@@ -12,6 +12,7 @@ from captioner.evaluation.grounding import (
     cell_bounds,
     cells_overlapping,
     grounding,
+    count_accuracy,
     object_scene_accuracy,
     relation_accuracy,
 )
@@ -230,3 +231,25 @@ def test_relation_accuracy_counts_only_two_distinct_objects_with_a_clear_relatio
         "relation_accuracy": None,
         "relation_scenes": 0,
     }
+
+
+def test_count_accuracy_wants_repeated_objects_counted_in_one_phrase():
+    twins = [_placed("small", "red", "circle", 20, 50), _placed("small", "red", "circle", 80, 50)]
+    three = [*twins, _placed("large", "blue", "square", 50, 90)]
+    distinct = [_placed("small", "red", "circle", 20, 50), _placed("large", "red", "circle", 80, 50)]
+    captions = {
+        1: "two small red circles",
+        2: "a pair of little circles in red",
+        3: "two small red circles and a large blue square",
+        4: "a small red circle and a small red circle",  # right scene, listed one by one
+        5: "a small red circle, a large blue square and a small red circle",
+        6: "three small red circles",  # counted, but the wrong number
+        7: "two small red circles",  # right, yet no object repeats here: not counted
+    }
+    objects = {1: twins, 2: twins, 3: three, 4: twins, 5: three, 6: twins, 7: distinct}
+    assert object_scene_accuracy({k: captions[k] for k in (4, 5)}, objects)["scene_accuracy"] == 1
+    assert count_accuracy(captions, objects) == {
+        "count_accuracy": pytest.approx(3 / 6),
+        "count_scenes": 6,
+    }
+    assert count_accuracy({7: captions[7]}, objects) == {"count_accuracy": None, "count_scenes": 0}

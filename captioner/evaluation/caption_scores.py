@@ -15,7 +15,12 @@ from captioner.caption.captioner import Captioner
 from captioner.data.caption_data import CaptionSet
 from captioner.data.images import ImageTensors
 from captioner.evaluation.coco import COCO_METRICS, coco_scores, leave_one_out
-from captioner.evaluation.grounding import grounding, object_scene_accuracy, relation_accuracy
+from captioner.evaluation.grounding import (
+    count_accuracy,
+    grounding,
+    object_scene_accuracy,
+    relation_accuracy,
+)
 from captioner.image import ImageError, load_image
 from captioner.progress import progress
 from captioner.results import CaptionResult
@@ -86,8 +91,8 @@ def score(
     ptb_tokenize: bool = True,
 ) -> dict[str, Any]:
     """Every figure of METRICS.json that depends on the captions: the COCO scores, the
-    references' leave-one-out ceiling and, given the shapes `objects`, grounding and
-    object/scene accuracy."""
+    references' leave-one-out ceiling and, given the shapes `objects`, grounding,
+    object/scene accuracy, relation and count accuracy."""
     candidates = {k: r.caption for k, r in results.items()}
     scores = coco_scores(references, candidates, meteor=meteor, ptb_tokenize=ptb_tokenize)
     metrics: dict[str, Any] = {k: scores.get(k) for k in COCO_METRICS}  # METEOR None if skipped
@@ -105,4 +110,5 @@ def score(
             metrics.update(grounding=None, grounding_uniform=None, grounded_words=None)
         metrics.update(object_scene_accuracy(candidates, objects))
         metrics.update(relation_accuracy(candidates, objects))
+        metrics.update(count_accuracy(candidates, objects))
     return metrics

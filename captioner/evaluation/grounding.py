@@ -4,6 +4,7 @@ world's grammar.
     grounding(results, objects, (7, 7))       # share of colour/shape words attended on their object
     object_scene_accuracy(candidates, objects)
     relation_accuracy(candidates, objects)    # two-object scenes: both named and placed right
+    count_accuracy(candidates, objects)       # scenes with twins: counted, not listed one by one
 """
 
 from __future__ import annotations
@@ -183,6 +184,30 @@ def relation_accuracy(
     return {
         "relation_accuracy": correct / scenes if scenes else None,
         "relation_scenes": scenes,
+    }
+
+
+def count_accuracy(
+    captions: Mapping[Hashable, str],
+    objects_by_image: Mapping[Hashable, Sequence[Mapping[str, Any]]],
+) -> dict[str, float | int | None]:
+    """In the scenes where an object repeats (two or more of the same size, colour and shape),
+    the share of captions that state the scene right and count each repeated object in one
+    phrase ("two small red circles", "a pair of ..."), as every reference does, instead of
+    naming it once per copy ("a small red circle, a small red circle"), which scene accuracy
+    accepts. Returns `count_accuracy` (None when no scene qualifies) and `count_scenes`."""
+    correct = scenes = 0
+    for image_id, text in captions.items():
+        objects = objects_by_image[image_id]
+        attrs = [(o["size"], o["color"], o["shape"]) for o in objects]
+        if len(set(attrs)) == len(attrs):
+            continue
+        scenes += 1
+        said = [(m.size, m.color, m.shape) for m in parse_caption(text)]
+        correct += score_caption(text, objects)[1] and len(said) == len(set(said))
+    return {
+        "count_accuracy": correct / scenes if scenes else None,
+        "count_scenes": scenes,
     }
 
 
