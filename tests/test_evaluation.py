@@ -11,8 +11,8 @@ from captioner.evaluation.coco import COCO_METRICS, coco_scores, java_available,
 from captioner.evaluation.grounding import (
     cell_bounds,
     cells_overlapping,
-    grounding,
     count_accuracy,
+    grounding,
     object_scene_accuracy,
     relation_accuracy,
 )
@@ -236,7 +236,10 @@ def test_relation_accuracy_counts_only_two_distinct_objects_with_a_clear_relatio
 def test_count_accuracy_wants_repeated_objects_counted_in_one_phrase():
     twins = [_placed("small", "red", "circle", 20, 50), _placed("small", "red", "circle", 80, 50)]
     three = [*twins, _placed("large", "blue", "square", 50, 90)]
-    distinct = [_placed("small", "red", "circle", 20, 50), _placed("large", "red", "circle", 80, 50)]
+    distinct = [
+        _placed("small", "red", "circle", 20, 50),
+        _placed("large", "red", "circle", 80, 50),
+    ]
     captions = {
         1: "two small red circles",
         2: "a pair of little circles in red",

@@ -42,6 +42,7 @@ from captioner.data.caption_data import (
 from captioner.data.images import ImageTensors
 from captioner.evaluation.caption_scores import caption_split, read_objects, score
 from captioner.evaluation.cider import CiderD
+from captioner.evaluation.grounding import attention_targets
 from captioner.progress import progress
 from captioner.vocab import Vocabulary
 from captioner.word_vectors import init_embedding
@@ -65,6 +66,11 @@ def get_args_parser() -> argparse.ArgumentParser:
     data.add_argument("--val-captions", help="COCO captions JSON for validation")
     data.add_argument("--val-images", help="image folder for --val-captions")
     data.add_argument("--val-objects", help="objects.json of the validation split (shapes data)")
+    data.add_argument(
+        "--train-objects",
+        help="objects.json of the training split, for --supervise-attention (default with "
+        "--data: DATA/train/objects.json)",
+    )
     data.add_argument("--karpathy", help="Karpathy's dataset_coco.json (uses its train/val splits)")
     data.add_argument("--image-root", help="root of the image paths in --karpathy")
     data.add_argument(
@@ -100,6 +106,14 @@ def get_args_parser() -> argparse.ArgumentParser:
     model.add_argument("--dropout", type=float, default=0.3)
     model.add_argument(
         "--alpha-c", type=float, default=1.0, help="doubly stochastic attention weight"
+    )
+    model.add_argument(
+        "--supervise-attention",
+        type=float,
+        default=0.0,
+        metavar="WEIGHT",
+        help="weight of the attention-correctness loss (Liu et al. 2017): each colour or shape "
+        "word's attention drawn onto the objects it names, read from --train-objects; 0 = off",
     )
     model.add_argument(
         "--hard-attention",
@@ -164,6 +178,8 @@ def load_splits(args) -> tuple[CaptionSet, CaptionSet | None, Path | None]:
             args.val_images = args.val_images or str(root / "val" / "images")
             if (root / "val" / "objects.json").is_file():
                 args.val_objects = args.val_objects or str(root / "val" / "objects.json")
+        if args.supervise_attention > 0 and (root / "train" / "objects.json").is_file():
+            args.train_objects = args.train_objects or str(root / "train" / "objects.json")
     if args.karpathy:
         if not args.image_root:
             raise ValueError("--karpathy needs --image-root")
@@ -192,6 +208,19 @@ class CaptionTask(loop.Task):
         if len(self.train_set) == 0:
             raise ValueError("no training images found (check --train-captions / --train-images)")
         self.objects = read_objects(objects_file) if objects_file is not None else None
+        if args.supervise_attention < 0:
+            raise ValueError(f"--supervise-attention must be >= 0, got {args.supervise_attention}")
+        if args.supervise_attention > 0:
+            if not args.train_objects:
+                raise ValueError(
+                    "--supervise-attention needs --train-objects (or --data with a train/objects.json)"
+                )
+            if args.scst_from:
+                raise ValueError(
+                    "--supervise-attention trains with cross-entropy: not with --scst-from"
+                )
+            if args.no_attention:
+                raise ValueError("--supervise-attention needs attention: not with --no-attention")
 
     def build(self, side: dict[str, Any] | None) -> CaptionNet:
         args = self.args
@@ -224,6 +253,7 @@ class CaptionTask(loop.Task):
                 net.decoder.embedding, self.vocab.itos, vectors, args.freeze_vectors, args.seed
             )
             self.word_vectors = {**record, "vector_words": None}
+        self.grid_hw = net.grid_hw
         return net
 
     def wrap(self, model: CaptionNet, name: str, version: str) -> Captioner:
@@ -250,6 +280,9 @@ class CaptionTask(loop.Task):
             self.groups[i].append(k)
         texts = [records[i].captions[j] for i, j in self.pairs]
         self.caption_ids = encode_captions(texts, self.vocab, args.max_caption_tokens)
+        self.attention_targets = None
+        if args.supervise_attention > 0:
+            self.attention_targets = self._attention_targets(records)
         if args.scst_from:  # rewards against each image's references, idf from all of them
             refs = {
                 i: [self.vocab.encode(c, add_special=False) for c in r.captions]
@@ -262,6 +295,21 @@ class CaptionTask(loop.Task):
             self.val_images = ImageTensors([r.path for r in self.val_set.records], args.input_size)
             self.val_set = drop_unreadable(self.val_set, self.val_images)
         return images
+
+    def _attention_targets(self, records) -> torch.Tensor:
+        """(pairs, T-1, cells) bool: the cells each predicted word of each pair should attend."""
+        objects = read_objects(self.args.train_objects)
+        ids = self.caption_ids[:, 1:]
+        out = torch.zeros(*ids.shape, self.grid_hw[0] * self.grid_hw[1], dtype=torch.bool)
+        for k, (i, _) in enumerate(self.pairs):
+            image_id = records[i].image_id
+            if image_id not in objects:
+                raise ValueError(f"image {image_id} has no objects in {self.args.train_objects}")
+            words = self.vocab.decode_tokens(ids[k].tolist())
+            out[k, : len(words)] = torch.from_numpy(
+                attention_targets(words, objects[image_id], self.grid_hw)
+            )
+        return out
 
     def num_samples(self) -> int:
         return len(self.pairs)
@@ -277,8 +325,11 @@ class CaptionTask(loop.Task):
         )
         captions = self.caption_ids[samples]
         captions = captions[:, : int((captions != self.vocab.pad_id).sum(1).max())]
+        targets = None
+        if self.attention_targets is not None:
+            targets = self.attention_targets[samples][:, : captions.shape[1] - 1]
         rows = images.tolist()
-        return rows, (captions, image_index, rows), len(samples)
+        return rows, (captions, image_index, rows, targets), len(samples)
 
     def objective(self, model: CaptionNet) -> torch.nn.Module:
         if not self.args.scst_from:
@@ -294,14 +345,21 @@ class CaptionTask(loop.Task):
         )
 
     def loss(self, net, inputs, payload, step: int, total_steps: int) -> torch.Tensor:
-        captions, image_index, rows = payload
+        captions, image_index, rows, targets = payload
         device = inputs.device
         if self.args.scst_from:
             loss, stats = net(inputs, rows, captions.to(device), image_index.to(device))
             self.rewards.append(stats["reward"])
             return loss
         sample_prob = self.args.scheduled_sampling * min(1.0, step / max(1, total_steps))
-        _, loss = net(inputs, captions.to(device), sample_prob, image_index.to(device))
+        _, loss = net(
+            inputs,
+            captions.to(device),
+            sample_prob,
+            image_index.to(device),
+            None if targets is None else targets.to(device),
+            self.args.supervise_attention,
+        )
         return loss
 
     def epoch_fields(self) -> dict[str, Any]:

@@ -85,3 +85,15 @@ def doubly_stochastic_penalty(alphas: torch.Tensor, mask: torch.Tensor) -> torch
     """
     coverage = (alphas * mask.unsqueeze(2)).sum(dim=1)  # (B, L)
     return ((1.0 - coverage) ** 2).mean()
+
+
+def supervised_attention_loss(alphas: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Attention correctness (Liu et al., 2017, "Attention Correctness in Neural Image
+    Captioning"): minus the log of the attention mass on the cells of the object a word names,
+    averaged over the words that name one. alphas (B, T, L); targets (B, T, L) bool, a row of
+    False for the words that name nothing (those steps are left free)."""
+    named = targets.any(dim=2)  # (B, T)
+    if not bool(named.any()):
+        return alphas.new_zeros(())
+    mass = (alphas * targets.to(alphas.dtype)).sum(dim=2)[named]
+    return -mass.clamp_min(1e-6).log().mean()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from captioner.caption.attention import supervised_attention_loss
 from captioner.caption.decoder import CaptionDecoder, DecoderConfig
 from captioner.encoder import Encoder, EncoderConfig
 
@@ -56,14 +57,22 @@ class CaptionNet(nn.Module):
         captions: torch.Tensor,
         sample_prob: float = 0.0,
         image_index: torch.Tensor | None = None,
+        attention_targets: torch.Tensor | None = None,
+        attention_weight: float = 0.0,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Teacher-forced `(logits (B, T-1, V), loss)`; decoding lives in `captioner.caption.search`.
 
         Caption b is about image `image_index[b]` (default: one caption per image), so an image
         with several captions in the batch is encoded once. `sample_prob` > 0 turns on scheduled
-        sampling (see `CaptionDecoder.forward`)."""
+        sampling (see `CaptionDecoder.forward`). With `attention_targets` (B, T-1, L) bool, the
+        cells each predicted word should attend (`supervised_attention_loss`), the loss adds
+        `attention_weight` times that term."""
         features = self.features(images_or_features)
         if image_index is not None:
             features = features[image_index]
-        logits, loss, _ = self.decoder(features, captions, sample_prob)
+        logits, loss, alphas = self.decoder(features, captions, sample_prob)
+        if attention_targets is not None and attention_weight > 0:
+            if alphas is None:
+                raise ValueError("attention targets need a decoder with attention")
+            loss = loss + attention_weight * supervised_attention_loss(alphas, attention_targets)
         return logits, loss

@@ -52,7 +52,7 @@ def cells_overlapping(mask: np.ndarray, grid_hw: tuple[int, int]) -> np.ndarray:
     return out
 
 
-def _word_cells(
+def word_cells(
     objects: Sequence[Mapping[str, Any]],
     grid_hw: tuple[int, int],
     image_size: tuple[int, int] | None,
@@ -71,12 +71,31 @@ def _word_cells(
     return cells
 
 
-def _word_key(token: str) -> tuple[str, str] | None:
+def word_key(token: str) -> tuple[str, str] | None:
+    """("color"|"shape", value) for a colour or shape word (plurals included), else None."""
     if token in COLOUR_WORDS:
         return ("color", COLOUR_WORDS[token])
     if token in SHAPE_WORDS:
         return ("shape", SHAPE_WORDS[token])
     return None
+
+
+def attention_targets(
+    tokens: Sequence[str],
+    objects: Sequence[Mapping[str, Any]],
+    grid_hw: tuple[int, int],
+) -> np.ndarray:
+    """(len(tokens), h * w) bool: for each colour or shape word, the grid cells that `grounding`
+    counts as right (those overlapping an object with that colour or shape); no cell for the
+    other words, or for a word no object of the scene matches."""
+    h, w = grid_hw
+    cells = word_cells(objects, grid_hw, None)
+    out = np.zeros((len(tokens), h * w), dtype=bool)
+    for t, token in enumerate(tokens):
+        key = word_key(token)
+        if key is not None and key in cells:
+            out[t] = cells[key].reshape(-1)
+    return out
 
 
 def grounding(
@@ -102,7 +121,7 @@ def grounding(
     h, w = grid_hw
     hits, uniform, n = 0, 0.0, 0
     for image_id, result in results.items():
-        words = [(t, key) for t, token in enumerate(result.tokens) if (key := _word_key(token))]
+        words = [(t, key) for t, token in enumerate(result.tokens) if (key := word_key(token))]
         if not words:
             continue
         if result.attention is None:
@@ -115,7 +134,7 @@ def grounding(
             )
         if image_id not in objects_by_image:
             raise ValueError(f"image {image_id!r} has no objects in objects_by_image")
-        cells = _word_cells(objects_by_image[image_id], grid_hw, image_size)
+        cells = word_cells(objects_by_image[image_id], grid_hw, image_size)
         for t, key in words:
             match = cells.get(key, np.zeros((h, w), dtype=bool))
             peak = np.unravel_index(int(np.argmax(attention[t])), (h, w))

@@ -1,0 +1,166 @@
+"""Attention correctness (train_captioner --supervise-attention): the target cells read from the
+shapes objects, the loss that draws a word's attention onto them, and training runs with it."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from captioner.caption.attention import supervised_attention_loss
+from captioner.caption.captioner import Captioner
+from captioner.data.caption_data import load_coco_captions
+from captioner.data.shapes import encode_mask, generate_split
+from captioner.evaluation.caption_scores import read_objects
+from captioner.evaluation.grounding import attention_targets, grounding
+from captioner.results import CaptionResult
+from captioner.vocab import Vocabulary
+from tests.conftest import TINY_CAPTIONS, tiny_model
+from training import train_captioner
+from training.make_shapes import write_split
+
+
+def _object(color: str, shape: str, rows: slice, cols: slice) -> dict:
+    mask = np.zeros((4, 4), dtype=bool)
+    mask[rows, cols] = True
+    return {"size": "small", "color": color, "shape": shape, "mask": encode_mask(mask)}
+
+
+SCENE = [
+    _object("red", "circle", slice(0, 2), slice(0, 2)),  # cell (0, 0) of a 2 x 2 grid
+    _object("blue", "square", slice(2, 4), slice(0, 4)),  # cells (1, 0) and (1, 1)
+]
+
+
+def test_targets_are_the_cells_grounding_counts_as_right():
+    tokens = ["a", "red", "circle", "and", "two", "blue", "squares", "green"]
+    targets = attention_targets(tokens, SCENE, (2, 2))
+    assert targets.shape == (8, 4) and targets.dtype == bool
+    assert targets[1].tolist() == targets[2].tolist() == [True, False, False, False]
+    assert targets[5].tolist() == targets[6].tolist() == [False, False, True, True]
+    assert not targets[[0, 3, 4, 7]].any()  # not colour/shape words, or no green object
+    # attention peaking on a target cell is what grounding calls grounded, and only that
+    for t in (1, 2, 5, 6):
+        for cell in range(4):
+            attention = np.zeros((1, 2, 2))
+            attention[0, cell // 2, cell % 2] = 1.0
+            one = CaptionResult(tokens[t], [tokens[t]], [0.0], 0.0, attention)
+            grounded = grounding({1: one}, {1: SCENE}, (2, 2))["grounding"]
+            assert grounded == float(targets[t, cell]), (tokens[t], cell)
+
+
+def test_the_loss_draws_attention_onto_the_target_cells_and_ignores_free_words():
+    vocab = Vocabulary.build(TINY_CAPTIONS)
+    net = tiny_model(len(vocab), seed=2)
+    L = net.decoder.config.grid_cells
+    features = torch.randn(2, L, net.decoder.config.feature_dim)
+    captions = torch.tensor([vocab.encode(TINY_CAPTIONS[0]), vocab.encode(TINY_CAPTIONS[0])])
+    steps = captions.shape[1] - 1
+    targets = torch.zeros(2, steps, L, dtype=torch.bool)
+    targets[0, 2, [3, 4]] = True  # the word at step 2 of caption 0 should look at cells 3 and 4
+    with torch.no_grad():
+        _, _, alphas = net.decoder(features, captions)
+        assert supervised_attention_loss(alphas, torch.zeros_like(targets)) == 0.0
+        assert float(supervised_attention_loss(alphas, targets)) == pytest.approx(
+            float(-alphas[0, 2, [3, 4]].sum().log()), rel=1e-5
+        )
+
+    def mass() -> float:
+        with torch.no_grad():
+            return float(net.decoder(features, captions)[2][0, 2, [3, 4]].sum())
+
+    before = mass()
+    optimiser = torch.optim.SGD(net.parameters(), lr=0.5)
+    for _ in range(20):
+        _, _, alphas = net.decoder(features, captions)
+        loss = supervised_attention_loss(alphas, targets)
+        optimiser.zero_grad()
+        loss.backward()
+        optimiser.step()
+    assert mass() > max(0.5, 2 * before), (before, mass())
+    with torch.no_grad():
+        with_term = net(features, captions, attention_targets=targets, attention_weight=2.0)[1]
+        without = net(features, captions)[1]
+        _, _, alphas = net.decoder(features, captions)
+    assert float(with_term - without) == pytest.approx(
+        2.0 * float(supervised_attention_loss(alphas, targets)), rel=1e-4
+    )
+
+
+@pytest.fixture(scope="module")
+def shapes(tmp_path_factory):
+    root = tmp_path_factory.mktemp("shapes")
+    write_split(generate_split(24, seed=5, size=32), root / "train")
+    write_split(generate_split(6, seed=6, size=32, start_id=1000), root / "val")
+    return root
+
+
+TINY = ["--input-size", "32", "--encoder-width", "4", "--embed-dim", "16", "--hidden-dim", "24"]
+TINY += ["--attention-dim", "12", "--batch-size", "16", "--warmup-steps", "2", "--no-progress"]
+
+
+def _run(argv):
+    return train_captioner.main(train_captioner.get_args_parser().parse_args(argv), argv)
+
+
+def test_training_with_supervised_attention_raises_the_attention_on_named_objects(shapes, tmp_path):
+    common = ["--data", str(shapes), "--epochs", "4", "--val-limit", "2", *TINY]
+    common += ["--lr", "0.01", "--seed", "1"]
+    plain = _run([*common, "--out", str(tmp_path / "plain")])
+    supervised = _run([*common, "--out", str(tmp_path / "sup"), "--supervise-attention", "3"])
+    args = json.loads((tmp_path / "sup" / "args.json").read_text())
+    assert args["supervise_attention"] == 3.0
+    assert args["train_objects"] == str(shapes / "train" / "objects.json")
+    # the same seed and schedule: attention on the named objects of the training scenes rises
+    assert plain["step"] == supervised["step"]
+    sup = _named_mass(tmp_path / "sup" / "last", shapes)
+    base = _named_mass(tmp_path / "plain" / "last", shapes)
+    assert sup > 1.5 * base, (sup, base)
+
+
+def _named_mass(folder, shapes) -> float:
+    """Mean attention (teacher-forced) of the colour and shape words of the training split's
+    first references on the cells of the objects they name."""
+    captioner = Captioner.load(folder)
+    data = load_coco_captions(shapes / "train" / "captions.json", shapes / "train" / "images")
+    objects = read_objects(shapes / "train" / "objects.json")
+    vocab = captioner.vocab
+    texts = [r.captions[0] for r in data.records]
+    captions = torch.nn.utils.rnn.pad_sequence(
+        [torch.tensor(vocab.encode(t)) for t in texts], batch_first=True
+    )
+    targets = torch.zeros(
+        len(texts),
+        captions.shape[1] - 1,
+        captioner.model.decoder.config.grid_cells,
+        dtype=torch.bool,
+    )
+    for k, r in enumerate(data.records):
+        words = vocab.decode_tokens(captions[k, 1:].tolist())
+        targets[k, : len(words)] = torch.from_numpy(
+            attention_targets(words, objects[r.image_id], captioner.model.grid_hw)
+        )
+    with torch.no_grad():
+        features = captioner.encode(captioner.preprocess([r.path for r in data.records]))
+        alphas = captioner.model.decoder(features, captions)[2]
+    named = targets.any(dim=2)
+    return float((alphas * targets).sum(dim=2)[named].mean())
+
+
+def test_supervised_attention_refuses_what_it_cannot_do(shapes, tmp_path):
+    base = ["--data", str(shapes), "--epochs", "1", *TINY, "--out", str(tmp_path / "x")]
+    with pytest.raises(ValueError, match="--supervise-attention must be >= 0"):
+        _run([*base, "--supervise-attention", "-1"])
+    with pytest.raises(ValueError, match="needs attention"):
+        _run([*base, "--supervise-attention", "1", "--no-attention"])
+    bare = tmp_path / "bare"
+    write_split(generate_split(8, seed=5, size=32), bare / "train")
+    (bare / "train" / "objects.json").unlink()
+    with pytest.raises(ValueError, match="--train-objects"):
+        _run(["--data", str(bare), *base[2:], "--supervise-attention", "1"])
+    other = tmp_path / "other.json"
+    other.write_text(json.dumps({"images": []}))
+    with pytest.raises(ValueError, match="has no objects"):
+        _run([*base, "--supervise-attention", "1", "--train-objects", str(other)])
