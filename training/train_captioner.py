@@ -18,6 +18,11 @@ its first save starts again from step 0. The loop itself is `training.loop`, sha
 embedding from pretrained vectors, row by row for the words of the caption vocabulary (which still
 comes from the training captions); a linear map takes the vectors' width to `--embed-dim`.
 `--freeze-vectors` keeps the rows as they are.
+
+`--supervise-attention WEIGHT` (shapes data) adds attention correctness (Liu et al. 2017): for each
+colour or shape word of a training caption, minus the log of its attention on the grid cells of
+the objects it names, read from the training split's objects.json (`--train-objects`, by default
+DATA/train/objects.json). Those are the cells `training.evaluate`'s grounding counts as right.
 """
 
 from __future__ import annotations
