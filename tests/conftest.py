@@ -14,8 +14,10 @@ import pytest
 import torch
 
 from captioner.caption.caption_net import CaptionNet
+from captioner.data.shapes import generate_split
 from captioner.encoder import EncoderConfig
 from captioner.vocab import Vocabulary
+from training.make_shapes import write_split
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -24,6 +26,19 @@ TINY_CAPTIONS = [
     "two green triangles",
     "a big yellow star above a small purple circle",
 ]
+
+
+# train_captioner arguments for a tiny model that trains in seconds
+TINY_TRAINING = ["--input-size", "32", "--encoder-width", "4", "--embed-dim", "16"]
+TINY_TRAINING += ["--hidden-dim", "24", "--attention-dim", "12", "--batch-size", "16"]
+TINY_TRAINING += ["--warmup-steps", "2", "--no-progress"]
+
+
+def write_tiny_shapes(root: Path) -> Path:
+    """A make_shapes-style folder of 32-pixel scenes: 24 in train/, 6 in val/."""
+    write_split(generate_split(24, seed=5, size=32), root / "train")
+    write_split(generate_split(6, seed=6, size=32, start_id=1000), root / "val")
+    return root
 
 
 def tiny_encoder_config(**overrides) -> EncoderConfig:

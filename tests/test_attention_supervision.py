@@ -17,7 +17,7 @@ from captioner.evaluation.caption_scores import read_objects
 from captioner.evaluation.grounding import attention_targets, grounding
 from captioner.results import CaptionResult
 from captioner.vocab import Vocabulary
-from tests.conftest import TINY_CAPTIONS, tiny_model
+from tests.conftest import TINY_CAPTIONS, TINY_TRAINING, tiny_model, write_tiny_shapes
 from training import train_captioner
 from training.make_shapes import write_split
 
@@ -91,14 +91,7 @@ def test_the_loss_draws_attention_onto_the_target_cells_and_ignores_free_words()
 
 @pytest.fixture(scope="module")
 def shapes(tmp_path_factory):
-    root = tmp_path_factory.mktemp("shapes")
-    write_split(generate_split(24, seed=5, size=32), root / "train")
-    write_split(generate_split(6, seed=6, size=32, start_id=1000), root / "val")
-    return root
-
-
-TINY = ["--input-size", "32", "--encoder-width", "4", "--embed-dim", "16", "--hidden-dim", "24"]
-TINY += ["--attention-dim", "12", "--batch-size", "16", "--warmup-steps", "2", "--no-progress"]
+    return write_tiny_shapes(tmp_path_factory.mktemp("shapes"))
 
 
 def _run(argv):
@@ -106,7 +99,7 @@ def _run(argv):
 
 
 def test_training_with_supervised_attention_raises_the_attention_on_named_objects(shapes, tmp_path):
-    common = ["--data", str(shapes), "--epochs", "4", "--val-limit", "2", *TINY]
+    common = ["--data", str(shapes), "--epochs", "4", "--val-limit", "2", *TINY_TRAINING]
     common += ["--lr", "0.01", "--seed", "1"]
     plain = _run([*common, "--out", str(tmp_path / "plain")])
     supervised = _run([*common, "--out", str(tmp_path / "sup"), "--supervise-attention", "3"])
@@ -150,7 +143,7 @@ def _named_mass(folder, shapes) -> float:
 
 
 def test_supervised_attention_refuses_what_it_cannot_do(shapes, tmp_path):
-    base = ["--data", str(shapes), "--epochs", "1", *TINY, "--out", str(tmp_path / "x")]
+    base = ["--data", str(shapes), "--epochs", "1", *TINY_TRAINING, "--out", str(tmp_path / "x")]
     with pytest.raises(ValueError, match="--supervise-attention must be >= 0"):
         _run([*base, "--supervise-attention", "-1"])
     with pytest.raises(ValueError, match="needs attention"):

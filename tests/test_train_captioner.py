@@ -8,23 +8,15 @@ import torch
 from safetensors.torch import load_file
 
 from captioner.caption.captioner import Captioner
-from captioner.data.shapes import generate_split
 from captioner.vocab import SPECIALS, Vocabulary
 from captioner.word_vectors import WordVectors
-from tests.conftest import assert_umask_modes, run_torchrun
-from training.make_shapes import write_split
+from tests.conftest import TINY_TRAINING, assert_umask_modes, run_torchrun, write_tiny_shapes
 from training.train_captioner import get_args_parser, main
-
-TINY = ["--input-size", "32", "--encoder-width", "4", "--embed-dim", "16", "--hidden-dim", "24"]
-TINY += ["--attention-dim", "12", "--batch-size", "16", "--warmup-steps", "2", "--no-progress"]
 
 
 @pytest.fixture(scope="module")
 def shapes(tmp_path_factory):
-    root = tmp_path_factory.mktemp("shapes")
-    write_split(generate_split(24, seed=5, size=32), root / "train")
-    write_split(generate_split(6, seed=6, size=32, start_id=1000), root / "val")
-    return root
+    return write_tiny_shapes(tmp_path_factory.mktemp("shapes"))
 
 
 def _run(argv):
@@ -32,8 +24,17 @@ def _run(argv):
 
 
 def _shapes_argv(shapes: Path, out: Path, epochs: int, *extra: str) -> list[str]:
-    """Training on the tiny shapes splits; `extra` comes after TINY, so it can override it."""
-    return ["--data", str(shapes), "--out", str(out), "--epochs", str(epochs), *TINY, *extra]
+    """Training on the tiny shapes splits; `extra` comes after TINY_TRAINING, so it can override it."""
+    return [
+        "--data",
+        str(shapes),
+        "--out",
+        str(out),
+        "--epochs",
+        str(epochs),
+        *TINY_TRAINING,
+        *extra,
+    ]
 
 
 def test_training_writes_run_folder_and_resume_continues_the_step_count(shapes, tmp_path):
@@ -86,7 +87,7 @@ def test_resume_matches_an_uninterrupted_run(shapes, tmp_path):
         "0.2",
         "--scheduled-sampling",
         "0.5",
-        *TINY,
+        *TINY_TRAINING,
     ]
     straight = _run([*common, "--out", str(tmp_path / "a"), "--epochs", "2"])
     stopped = _run(
@@ -102,7 +103,7 @@ def test_resume_matches_an_uninterrupted_run(shapes, tmp_path):
 def test_grouped_batches_resume_as_an_uninterrupted_run_and_encode_each_image_once(
     shapes, tmp_path, monkeypatch
 ):
-    common = ["--data", str(shapes), *TINY, "--group-by-image", "--batch-size", "10"]
+    common = ["--data", str(shapes), *TINY_TRAINING, "--group-by-image", "--batch-size", "10"]
     encoded: list[int] = []
     from captioner.encoder import Encoder
 
@@ -197,7 +198,7 @@ def test_word_vectors_start_the_decoders_input_embedding(shapes, tmp_path, freez
         "--train-images",
         str(train / "images"),
     ]
-    argv += ["--out", str(out), "--epochs", "1", *TINY, "--word-vectors", "glove-6b-50d"]
+    argv += ["--out", str(out), "--epochs", "1", *TINY_TRAINING, "--word-vectors", "glove-6b-50d"]
     _run([*argv, *(["--freeze-vectors"] if freeze else [])])
     captioner = Captioner.load(out / "best")
     decoder, vocab = captioner.model.decoder, captioner.vocab
