@@ -407,19 +407,24 @@ def test_a_watch_that_stops_wanting_an_image_ends_its_search(beam_size, demo_fea
     same captions as without the watch; once nobody is wanted the search ends."""
     decoder, feats = demo_features
     want = beam_search(decoder, feats, beam_size, 20)
-    # Images 3 and 6 (one object each) have their first word fixed early at beam 1 and 3.
-    with _Recorder(decoder, stop_after_words={3: 1, 6: 1}) as recorder:
+    # Two images whose first word is fixed before their last one, so stopping there saves steps.
+    with _Recorder(decoder) as everything:
+        beam_search(decoder, feats, beam_size, 20, watch=everything)
+    early = [i for i, told in sorted(everything.heard.items()) if told[0][0] < told[-1][0]]
+    assert len(early) >= 2, everything.heard
+    stops = dict.fromkeys(early[:2], 1)
+    with _Recorder(decoder, stop_after_words=stops) as recorder:
         got = beam_search(decoder, feats, beam_size, 20, watch=recorder)
     # Told words stop at the limit (a step may tell several at once); then it is never asked
     # about again: it left the search.
-    for image, limit in ((3, 1), (6, 1)):
+    for image, limit in stops.items():
         told = recorder.heard[image]
         assert limit <= len(told) < len(want[image][0].tokens)
         last_told = told[limit - 1][0]
         asked = [step for step, i in recorder.asked if i == image]
         assert asked[-1] == last_told + 1  # asked once more, after the step that told it
         assert all(step <= last_told for step, _ in told)
-    others = [i for i in range(len(feats)) if i not in (3, 6)]
+    others = [i for i in range(len(feats)) if i not in stops]
     _assert_same_hypotheses([got[i] for i in others], [want[i] for i in others])
 
     with _Recorder(decoder, stop_after_words=dict.fromkeys(range(len(feats)), 0)) as nobody:
