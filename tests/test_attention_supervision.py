@@ -148,6 +148,8 @@ def test_supervised_attention_refuses_what_it_cannot_do(shapes, tmp_path):
         _run([*base, "--supervise-attention", "-1"])
     with pytest.raises(ValueError, match="needs attention"):
         _run([*base, "--supervise-attention", "1", "--no-attention"])
+    with pytest.raises(ValueError, match="not with --scst-from"):
+        _run([*base, "--supervise-attention", "1", "--scst-from", str(tmp_path / "model")])
     bare = tmp_path / "bare"
     write_split(generate_split(8, seed=5, size=32), bare / "train")
     (bare / "train" / "objects.json").unlink()

@@ -209,23 +209,22 @@ class CaptionTask(loop.Task):
 
     def __init__(self, args: argparse.Namespace, d, show: bool):
         super().__init__(args, d, show)
+        if args.supervise_attention < 0:
+            raise ValueError(f"--supervise-attention must be >= 0, got {args.supervise_attention}")
+        if args.supervise_attention > 0 and args.scst_from:
+            raise ValueError(
+                "--supervise-attention trains with cross-entropy: not with --scst-from"
+            )
+        if args.supervise_attention > 0 and args.no_attention:
+            raise ValueError("--supervise-attention needs attention: not with --no-attention")
         self.train_set, self.val_set, objects_file = load_splits(args)
         if len(self.train_set) == 0:
             raise ValueError("no training images found (check --train-captions / --train-images)")
         self.objects = read_objects(objects_file) if objects_file is not None else None
-        if args.supervise_attention < 0:
-            raise ValueError(f"--supervise-attention must be >= 0, got {args.supervise_attention}")
-        if args.supervise_attention > 0:
-            if not args.train_objects:
-                raise ValueError(
-                    "--supervise-attention needs --train-objects (or --data with a train/objects.json)"
-                )
-            if args.scst_from:
-                raise ValueError(
-                    "--supervise-attention trains with cross-entropy: not with --scst-from"
-                )
-            if args.no_attention:
-                raise ValueError("--supervise-attention needs attention: not with --no-attention")
+        if args.supervise_attention > 0 and not args.train_objects:
+            raise ValueError(
+                "--supervise-attention needs --train-objects (or --data with a train/objects.json)"
+            )
 
     def build(self, side: dict[str, Any] | None) -> CaptionNet:
         args = self.args
