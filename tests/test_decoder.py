@@ -85,6 +85,10 @@ def test_bad_configs_and_captions_are_clear_errors():
         DecoderConfig(vocab_size=5, feature_dim=4, grid_cells=4, dropout=1.5)
     with pytest.raises(ValueError, match="word_dim must be >= 0"):
         DecoderConfig(vocab_size=5, feature_dim=4, grid_cells=4, word_dim=-1)
+    with pytest.raises(ValueError, match="preview_steps must be >= 0"):
+        DecoderConfig(vocab_size=5, feature_dim=4, grid_cells=4, preview_steps=-1)
+    with pytest.raises(ValueError, match="preview_steps needs attention"):
+        DecoderConfig(vocab_size=5, feature_dim=4, grid_cells=4, preview_steps=1, attention=False)
     model = tiny_model()
     with pytest.raises(ValueError, match="at least"):
         model(torch.randn(1, 3, 32, 32), torch.tensor([[1, 0, 0]]))
@@ -178,3 +182,19 @@ def test_a_hard_attention_beam_search_reads_each_beams_own_image():
     for i in range(3):
         alone = beam_search(model.decoder, feats[i : i + 1], beam_size=3, max_length=6)[0]
         assert [h.tokens for h in batched[i]] == [h.tokens for h in alone]
+
+
+def test_preview_steps_attend_before_the_first_word_and_train():
+    """Each preview step reads the image and moves the state, with no weights of its own: the
+    first word then depends on what they saw, and the caption's loss trains through them."""
+    plain, preview = tiny_model(seed=5), tiny_model(seed=5, preview_steps=2)
+    preview.load_state_dict(plain.state_dict())  # the same weights: previews add none
+    features = torch.randn(2, 16, plain.decoder.config.feature_dim)
+    with torch.no_grad():
+        h0 = plain.decoder.init_state(plain.decoder.memory(features))[0][0]
+        h2 = preview.decoder.init_state(preview.decoder.memory(features))[0][0]
+    assert not torch.allclose(h0, h2)
+    captions = torch.tensor([[1, 5, 6, 2], [1, 7, 2, 0]])
+    assert not torch.allclose(plain(features, captions)[1], preview(features, captions)[1])
+    preview(features, captions)[1].backward()
+    assert all(p.grad is not None for p in preview.decoder.parameters())

@@ -15,8 +15,10 @@ from captioner.caption.search import beam_search, greedy
 from captioner.data.shapes import generate_split, render
 from captioner.onnx_export import OnnxCaptioner, export_answerer, export_captioner
 from captioner.paths import DEFAULT_CAPTION_MODEL, DEFAULT_VQA_MODEL
+from captioner.vocab import Vocabulary
 from captioner.vqa.answerer import Answerer, encode_questions
 from tests.api_fixtures import tiny_vectors_vqa
+from tests.conftest import TINY_CAPTIONS, tiny_model
 
 pytestmark = pytest.mark.slow  # five graphs exported once for the module: tens of seconds
 
@@ -158,6 +160,21 @@ def test_a_bidirectional_vqa_model_with_word_vectors_exports(tmp_path):
     np.testing.assert_allclose(alpha, want_alpha.numpy(), atol=1e-6)
     manifest = json.loads((folder / "manifest.json").read_text())
     assert manifest["vqa"]["bidirectional"] and manifest["vqa"]["embed_dim"] == 6
+
+
+def test_a_captioner_that_previews_before_its_first_word_exports(tmp_path):
+    """The preview steps are part of the start graph: the ONNX search writes PyTorch's captions."""
+    vocab = Vocabulary.build(TINY_CAPTIONS)
+    net = tiny_model(len(vocab), seed=4, preview_steps=2).eval()
+    with torch.no_grad():
+        net.decoder.out.weight.mul_(5.0)
+    captioner = Captioner(net, vocab, name="preview")
+    folder = export_captioner(captioner, tmp_path / "preview")
+    pixels = torch.rand(5, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    onnx_captioner = OnnxCaptioner(folder)
+    for beam in (1, 3):
+        want = [h[0].tokens for h in beam_search(net.decoder, captioner.encode(pixels), beam, 12)]
+        assert [h.tokens for h in onnx_captioner.search(pixels, beam, 12)] == want
 
 
 def test_a_quantized_captioner_is_not_exported(tmp_path):

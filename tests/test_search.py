@@ -232,7 +232,9 @@ def demo_features():
 
 
 @pytest.mark.parametrize("beam_size", [1, 3, 5])
-@pytest.mark.parametrize("model", ["demo", "random", "random-gru-2", "random-no-attention"])
+@pytest.mark.parametrize(
+    "model", ["demo", "random", "random-gru-2", "random-no-attention", "random-preview-2"]
+)
 def test_shared_memory_search_equals_per_beam_copies(model, beam_size, demo_features):
     """Beams reading their image's one memory give the captions, scores, log-probs and attention
     of the search that copied the memory per beam, with images finishing at different steps."""
@@ -244,6 +246,7 @@ def test_shared_memory_search_equals_per_beam_copies(model, beam_size, demo_feat
             "random": {},
             "random-gru-2": dict(cell="gru", num_layers=2),
             "random-no-attention": dict(attention=False),
+            "random-preview-2": dict(preview_steps=2),
         }[model]
         net = tiny_model(seed=3, **variant).eval()
         with torch.no_grad():  # sharper words and a likelier <end>: captions end at 0..12 words

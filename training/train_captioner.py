@@ -56,7 +56,7 @@ from training.common import epoch_order, grouped_epoch_order, run_script
 
 # DecoderConfig fields given by the command-line arguments of the same name
 NET_ARGS = ("embed_dim", "hidden_dim", "attention_dim", "cell", "dropout", "positional")
-NET_ARGS += ("hard_attention", "hard_inference", "entropy_weight")
+NET_ARGS += ("hard_attention", "hard_inference", "entropy_weight", "preview_steps")
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -111,6 +111,12 @@ def get_args_parser() -> argparse.ArgumentParser:
     model.add_argument("--dropout", type=float, default=0.3)
     model.add_argument(
         "--alpha-c", type=float, default=1.0, help="doubly stochastic attention weight"
+    )
+    model.add_argument(
+        "--preview-steps",
+        type=int,
+        default=0,
+        help="attention steps the decoder takes before its first word (0: none)",
     )
     model.add_argument(
         "--supervise-attention",

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from captioner.caption.attention import SoftAttention, doubly_stochastic_penalty
+from captioner.vocab import Vocabulary
 
 CELLS = {"lstm": nn.LSTMCell, "gru": nn.GRUCell, "rnn": nn.RNNCell}
 HARD_INFERENCE = ("expected", "argmax")
@@ -50,6 +51,11 @@ class DecoderConfig:
     hard_attention: bool = False
     hard_inference: str = "expected"
     entropy_weight: float = 0.01
+    # Steps the decoder takes before its first word: each attends and updates the state from the
+    # <start> input, and writes nothing, so the first word (a count: "two small red circles")
+    # can depend on more than one look at the image. Part of `init_state`, so every search,
+    # self-critical sampling and the ONNX graphs run them.
+    preview_steps: int = 0
 
     def __post_init__(self) -> None:
         if self.cell not in CELLS:
@@ -66,6 +72,12 @@ class DecoderConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.word_dim < 0:
             raise ValueError(f"word_dim must be >= 0 (0: embed_dim), got {self.word_dim}")
+        if self.preview_steps < 0:
+            raise ValueError(f"preview_steps must be >= 0, got {self.preview_steps}")
+        if self.preview_steps and not self.attention:
+            raise ValueError(
+                "preview_steps needs attention=True (there is nothing else to look at)"
+            )
         if self.attention and self.attention_dim < 1:
             raise ValueError(f"attention_dim must be >= 1, got {self.attention_dim}")
         if not 0.0 <= self.dropout < 1.0:
@@ -180,7 +192,13 @@ class CaptionDecoder(nn.Module):
         n, hdim = self.config.num_layers, self.config.hidden_dim
         h = torch.tanh(self.init_h(memory.pooled)).split(hdim, dim=1)
         c = torch.tanh(self.init_c(memory.pooled)).split(hdim, dim=1) if self.init_c else None
-        return list(h[:n]), (list(c[:n]) if c is not None else None)
+        state: State = list(h[:n]), (list(c[:n]) if c is not None else None)
+        if self.config.preview_steps:
+            # full_like keeps the batch size symbolic when the ONNX export traces this
+            start = torch.full_like(memory.pooled[:, 0], Vocabulary.start_id, dtype=torch.long)
+            for _ in range(self.config.preview_steps):
+                state = self.step(memory, state, start)[2]
+        return state
 
     # -- one step ------------------------------------------------------------------------------
     def step(
