@@ -11,7 +11,7 @@ import torch
 
 from captioner.caption.attention import supervised_attention_loss
 from captioner.caption.captioner import Captioner
-from captioner.data.caption_data import load_coco_captions
+from captioner.data.caption_data import encode_captions, load_coco_captions
 from captioner.data.shapes import encode_mask, generate_split
 from captioner.evaluation.caption_scores import read_objects
 from captioner.evaluation.grounding import attention_targets, grounding
@@ -20,6 +20,7 @@ from captioner.vocab import Vocabulary
 from tests.conftest import TINY_CAPTIONS, TINY_TRAINING, tiny_model, write_tiny_shapes
 from training import train_captioner
 from training.make_shapes import write_split
+from training.train_captioner import caption_attention_targets
 
 
 def _object(color: str, shape: str, rows: slice, cols: slice) -> dict:
@@ -121,20 +122,14 @@ def _named_mass(folder, shapes) -> float:
     objects = read_objects(shapes / "train" / "objects.json")
     vocab = captioner.vocab
     texts = [r.captions[0] for r in data.records]
-    captions = torch.nn.utils.rnn.pad_sequence(
-        [torch.tensor(vocab.encode(t)) for t in texts], batch_first=True
+    captions = encode_captions(texts, vocab, max_tokens=24)
+    targets = caption_attention_targets(
+        captions,
+        [r.image_id for r in data.records],
+        objects,
+        vocab,
+        captioner.model.grid_hw,
     )
-    targets = torch.zeros(
-        len(texts),
-        captions.shape[1] - 1,
-        captioner.model.decoder.config.grid_cells,
-        dtype=torch.bool,
-    )
-    for k, r in enumerate(data.records):
-        words = vocab.decode_tokens(captions[k, 1:].tolist())
-        targets[k, : len(words)] = torch.from_numpy(
-            attention_targets(words, objects[r.image_id], captioner.model.grid_hw)
-        )
     with torch.no_grad():
         features = captioner.encode(captioner.preprocess([r.path for r in data.records]))
         alphas = captioner.model.decoder(features, captions)[2]

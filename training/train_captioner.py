@@ -208,6 +208,29 @@ def load_splits(args) -> tuple[CaptionSet, CaptionSet | None, Path | None]:
     return train, val, Path(args.val_objects) if args.val_objects else None
 
 
+def caption_attention_targets(
+    caption_ids: torch.Tensor,
+    image_ids: list[int],
+    objects: dict[int, list[dict[str, Any]]],
+    vocab: Vocabulary,
+    grid_hw: tuple[int, int],
+    source: str | Path = "the objects",
+) -> torch.Tensor:
+    """(captions, T-1, cells) bool: for caption k (word ids `<start> ... <end> <pad>...`, about
+    image `image_ids[k]`), the cells each predicted word should attend (`attention_targets`);
+    `source` names the objects in the error for an image they lack."""
+    ids = caption_ids[:, 1:]
+    out = torch.zeros(*ids.shape, grid_hw[0] * grid_hw[1], dtype=torch.bool)
+    for k, image_id in enumerate(image_ids):
+        if image_id not in objects:
+            raise ValueError(f"image {image_id} has no objects in {source}")
+        words = vocab.decode_tokens(ids[k].tolist())
+        out[k, : len(words)] = torch.from_numpy(
+            attention_targets(words, objects[image_id], grid_hw)
+        )
+    return out
+
+
 class CaptionTask(loop.Task):
     """Caption pairs (image, reference) in batches; each distinct image of a batch encoded once."""
 
@@ -292,7 +315,14 @@ class CaptionTask(loop.Task):
         self.caption_ids = encode_captions(texts, self.vocab, args.max_caption_tokens)
         self.attention_targets = None
         if args.supervise_attention > 0:
-            self.attention_targets = self._attention_targets(records)
+            self.attention_targets = caption_attention_targets(
+                self.caption_ids,
+                [records[i].image_id for i, _ in self.pairs],
+                read_objects(args.train_objects),
+                self.vocab,
+                self.grid_hw,
+                args.train_objects,
+            )
         if args.scst_from:  # rewards against each image's references, idf from all of them
             refs = {
                 i: [self.vocab.encode(c, add_special=False) for c in r.captions]
@@ -305,21 +335,6 @@ class CaptionTask(loop.Task):
             self.val_images = ImageTensors([r.path for r in self.val_set.records], args.input_size)
             self.val_set = drop_unreadable(self.val_set, self.val_images)
         return images
-
-    def _attention_targets(self, records) -> torch.Tensor:
-        """(pairs, T-1, cells) bool: the cells each predicted word of each pair should attend."""
-        objects = read_objects(self.args.train_objects)
-        ids = self.caption_ids[:, 1:]
-        out = torch.zeros(*ids.shape, self.grid_hw[0] * self.grid_hw[1], dtype=torch.bool)
-        for k, (i, _) in enumerate(self.pairs):
-            image_id = records[i].image_id
-            if image_id not in objects:
-                raise ValueError(f"image {image_id} has no objects in {self.args.train_objects}")
-            words = self.vocab.decode_tokens(ids[k].tolist())
-            out[k, : len(words)] = torch.from_numpy(
-                attention_targets(words, objects[image_id], self.grid_hw)
-            )
-        return out
 
     def num_samples(self) -> int:
         return len(self.pairs)
