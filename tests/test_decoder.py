@@ -87,6 +87,10 @@ def test_bad_configs_and_captions_are_clear_errors():
         DecoderConfig(vocab_size=5, feature_dim=4, grid_cells=4, word_dim=-1)
     with pytest.raises(ValueError, match="preview_steps must be >= 0"):
         DecoderConfig(vocab_size=5, feature_dim=4, grid_cells=4, preview_steps=-1)
+    with pytest.raises(ValueError, match="attention_mass needs attention"):
+        DecoderConfig(
+            vocab_size=5, feature_dim=4, grid_cells=4, attention_mass=True, attention=False
+        )
     with pytest.raises(ValueError, match="preview_steps needs attention"):
         DecoderConfig(vocab_size=5, feature_dim=4, grid_cells=4, preview_steps=1, attention=False)
     model = tiny_model()
@@ -198,3 +202,39 @@ def test_preview_steps_attend_before_the_first_word_and_train():
     assert not torch.allclose(plain(features, captions)[1], preview(features, captions)[1])
     preview(features, captions)[1].backward()
     assert all(p.grad is not None for p in preview.decoder.parameters())
+
+
+def test_attention_mass_reaches_the_lstm_and_trains():
+    """With attention_mass each step's LSTM reads log(1 + sum sigmoid(e)) of the energies its
+    alpha is the softmax of: more cells that match the query give more mass where alpha, summing
+    to 1, cannot tell. Everything, the attention's score included, gets a gradient."""
+    net = tiny_model(seed=6, attention_mass=True)
+    decoder = net.decoder
+    assert decoder.cells[0].input_size == 16 + decoder.config.feature_dim + 1
+    features = torch.randn(2, 16, decoder.config.feature_dim)
+    memory = decoder.memory(features)
+    state = decoder.init_state(memory)
+    seen = []
+    hook = decoder.cells[0].register_forward_pre_hook(lambda m, args: seen.append(args[0]))
+    with torch.no_grad():
+        _, alpha, _ = decoder.step(memory, state, torch.tensor([1, 1]))
+        _, _, energy = decoder.attend(memory.features, memory.projected, state[0][-1])
+    hook.remove()
+    torch.testing.assert_close(alpha, torch.softmax(energy, dim=1))
+    torch.testing.assert_close(seen[0][:, -1], torch.log1p(torch.sigmoid(energy).sum(1)))
+    # Two images whose energies differ only by a constant: the same alpha, other masses.
+    with torch.no_grad():
+        decoder.attend.score.bias.add_(3.0)
+        _, shifted_alpha, _ = decoder.step(memory, state, torch.tensor([1, 1]))
+    torch.testing.assert_close(shifted_alpha, alpha)
+    seen.clear()
+    hook = decoder.cells[0].register_forward_pre_hook(lambda m, args: seen.append(args[0]))
+    with torch.no_grad():
+        decoder.step(memory, state, torch.tensor([1, 1]))
+    hook.remove()
+    more = torch.log1p(torch.sigmoid(energy + 3.0).sum(1))
+    torch.testing.assert_close(seen[0][:, -1], more)
+    assert (more > torch.log1p(torch.sigmoid(energy).sum(1)) + 0.3).all()
+    captions = torch.tensor([[1, 5, 6, 2], [1, 7, 2, 0]])
+    net(features, captions)[1].backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in decoder.parameters())

@@ -162,10 +162,14 @@ def test_a_bidirectional_vqa_model_with_word_vectors_exports(tmp_path):
     assert manifest["vqa"]["bidirectional"] and manifest["vqa"]["embed_dim"] == 6
 
 
-def test_a_captioner_that_previews_before_its_first_word_exports(tmp_path):
-    """The preview steps are part of the start graph: the ONNX search writes PyTorch's captions."""
+@pytest.mark.parametrize(
+    "options", [dict(preview_steps=2), dict(attention_mass=True)], ids=["preview", "mass"]
+)
+def test_a_captioner_with_decoder_options_exports(tmp_path, options):
+    """Preview steps are part of the start graph, the attention mass part of the step graph: the
+    ONNX search writes PyTorch's captions."""
     vocab = Vocabulary.build(TINY_CAPTIONS)
-    net = tiny_model(len(vocab), seed=4, preview_steps=2).eval()
+    net = tiny_model(len(vocab), seed=4, **options).eval()
     with torch.no_grad():
         net.decoder.out.weight.mul_(5.0)
     captioner = Captioner(net, vocab, name="preview")

@@ -233,7 +233,8 @@ def demo_features():
 
 @pytest.mark.parametrize("beam_size", [1, 3, 5])
 @pytest.mark.parametrize(
-    "model", ["demo", "random", "random-gru-2", "random-no-attention", "random-preview-2"]
+    "model",
+    ["demo", "random", "random-gru-2", "random-no-attention", "random-preview-2", "random-mass"],
 )
 def test_shared_memory_search_equals_per_beam_copies(model, beam_size, demo_features):
     """Beams reading their image's one memory give the captions, scores, log-probs and attention
@@ -247,6 +248,7 @@ def test_shared_memory_search_equals_per_beam_copies(model, beam_size, demo_feat
             "random-gru-2": dict(cell="gru", num_layers=2),
             "random-no-attention": dict(attention=False),
             "random-preview-2": dict(preview_steps=2),
+            "random-mass": dict(attention_mass=True, preview_steps=1),
         }[model]
         net = tiny_model(seed=3, **variant).eval()
         with torch.no_grad():  # sharper words and a likelier <end>: captions end at 0..12 words
@@ -455,7 +457,7 @@ def test_fused_attention_energy_gives_the_eager_search_and_leaves_training_alone
         memory = decoder.memory(feats[:2])
         hidden = torch.randn(2, decoder.config.hidden_dim, requires_grad=True)
         with torch.enable_grad():
-            context, _ = decoder.attend(memory.features, memory.projected, hidden)
+            context, *_ = decoder.attend(memory.features, memory.projected, hidden)
             context.sum().backward()
         assert hidden.grad is not None and hidden.grad.abs().sum() > 0
     finally:

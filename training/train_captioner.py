@@ -57,6 +57,7 @@ from training.common import epoch_order, grouped_epoch_order, run_script
 # DecoderConfig fields given by the command-line arguments of the same name
 NET_ARGS = ("embed_dim", "hidden_dim", "attention_dim", "cell", "dropout", "positional")
 NET_ARGS += ("hard_attention", "hard_inference", "entropy_weight", "preview_steps")
+NET_ARGS += ("attention_mass",)
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -117,6 +118,12 @@ def get_args_parser() -> argparse.ArgumentParser:
         type=int,
         default=0,
         help="attention steps the decoder takes before its first word (0: none)",
+    )
+    model.add_argument(
+        "--attention-mass",
+        action="store_true",
+        help="each step also reads its attention energies' unnormalised mass, log(1 + sum of "
+        "sigmoid(e)), so a count word can see how many cells match (the VQA model's --count)",
     )
     model.add_argument(
         "--supervise-attention",

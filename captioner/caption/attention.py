@@ -41,8 +41,9 @@ class SoftAttention(nn.Module):
 
     def forward(
         self, features: torch.Tensor, projected: torch.Tensor, hidden: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """features (B, L, D), projected (B, L, A), hidden (B*k, H) -> context (B*k, D), alpha (B*k, L).
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """features (B, L, D), projected (B, L, A), hidden (B*k, H) -> context (B*k, D), alpha
+        (B*k, L) and the energies e (B*k, L) that alpha is the softmax of.
 
         Rows b*k .. b*k+k-1 of `hidden` (k beams of a beam search; k = 1 elsewhere) all attend
         over image b: its grid is read once per image, by a batched matmul over the images with
@@ -68,7 +69,7 @@ class SoftAttention(nn.Module):
                 energy[i : i + images] = self.score(pre.tanh_()).squeeze(3)
         alpha = torch.softmax(energy, dim=2)  # (B, k, L)
         context = torch.bmm(alpha, features)  # (B, k, D)
-        return context.view(B * k, -1), alpha.view(B * k, L)
+        return context.view(B * k, -1), alpha.view(B * k, L), energy.view(B * k, L)
 
 
 def _energy(

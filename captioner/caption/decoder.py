@@ -56,6 +56,13 @@ class DecoderConfig:
     # can depend on more than one look at the image. Part of `init_state`, so every search,
     # self-critical sampling and the ONNX graphs run them.
     preview_steps: int = 0
+    # Each step's LSTM also reads log(1 + sum_i sigmoid(e_ti)), the unnormalised mass of its
+    # attention energies: alpha is a softmax, so the context is the same whether one or three
+    # identical objects match what the step looks for, and a count word ("two small red
+    # circles") has nothing to go on but the initial state. The VQA model's `count` feeds the
+    # same mass to its classifier (Zhang, Hare and Pruegel-Bennett, 2018); the log keeps it on
+    # the scale of the other inputs at any grid size.
+    attention_mass: bool = False
 
     def __post_init__(self) -> None:
         if self.cell not in CELLS:
@@ -82,6 +89,8 @@ class DecoderConfig:
             raise ValueError(f"attention_dim must be >= 1, got {self.attention_dim}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+        if self.attention_mass and not self.attention:
+            raise ValueError("attention_mass needs attention=True (it is the attention's mass)")
         if self.hard_attention and not self.attention:
             raise ValueError("hard_attention needs attention=True")
         if self.hard_inference not in HARD_INFERENCE:
@@ -143,7 +152,8 @@ class CaptionDecoder(nn.Module):
             nn.Linear(c.feature_dim, c.hidden_dim * c.num_layers) if c.cell == "lstm" else None
         )
         cell = CELLS[c.cell]
-        sizes = [c.embed_dim + c.feature_dim] + [c.hidden_dim] * (c.num_layers - 1)
+        sizes = [c.embed_dim + c.feature_dim + c.attention_mass]
+        sizes += [c.hidden_dim] * (c.num_layers - 1)
         self.cells = nn.ModuleList(cell(size, c.hidden_dim) for size in sizes)
         self.dropout = nn.Dropout(c.dropout)
         # Deep output layer, Show, Attend and Tell eq. 7: p(y_t) ~ exp(L_o(E y_{t-1} + L_h h_t + L_z z_t)).
@@ -223,17 +233,21 @@ class CaptionDecoder(nn.Module):
                 f"expected k rows of state and tokens per image ({B} images), got "
                 f"{top.shape[0]} state rows and {R} tokens"
             )
+        mass = None
         if self.attend is not None:
-            context, alpha = self.attend(memory.features, memory.projected, top)  # (R, D), (R, L)
+            # context (R, D), alpha and energy (R, L)
+            context, alpha, energy = self.attend(memory.features, memory.projected, top)
             if self.config.hard_attention:
                 context = self._hard_context(memory.features, alpha, context, cells)
             context = torch.sigmoid(self.gate(top)) * context
+            if self.config.attention_mass:
+                mass = torch.log1p(torch.sigmoid(energy).sum(dim=1, keepdim=True))  # (R, 1)
         else:
             context, alpha = memory.pooled, None  # (B, D)
             if R > B:
                 context = context.repeat_interleave(R // B, dim=0)  # (R, D): small, D per row
         emb = self.embed(prev_tokens)  # (R, E)
-        x = torch.cat([emb, context], dim=1)
+        x = torch.cat([emb, context] if mass is None else [emb, context, mass], dim=1)
         new_h, new_c = [], []
         for i, cell in enumerate(self.cells):
             if cs is not None:
