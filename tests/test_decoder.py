@@ -18,8 +18,12 @@ CAPS = torch.tensor([[1, 5, 6, 7, 2, 0], [1, 8, 2, 0, 0, 0], [1, 9, 10, 11, 12, 
         dict(positional=True),
         dict(hard_attention=True),
         dict(word_dim=6),
+        dict(attention_mass=True, hard_attention=True),
     ],
-    ids=["lstm", "gru", "rnn", "lstm2", "no-attention", "positional", "hard-attention", "word-dim"],
+    ids=[
+        *("lstm", "gru", "rnn", "lstm2", "no-attention", "positional", "hard-attention"),
+        *("word-dim", "mass-hard"),
+    ],
 )
 def test_every_parameter_gets_a_finite_gradient(variant):
     model = tiny_model(**variant).train()
