@@ -14,9 +14,9 @@ from captioner.caption.captioner import Captioner
 from captioner.data.caption_data import encode_captions, load_coco_captions
 from captioner.data.shapes import encode_mask, generate_split
 from captioner.evaluation.caption_scores import read_objects
-from captioner.evaluation.grounding import attention_targets, grounding
+from captioner.evaluation.grounding import attention_targets, count_targets, grounding
 from captioner.results import CaptionResult
-from captioner.vocab import Vocabulary
+from captioner.vocab import Vocabulary, tokenize
 from tests.conftest import TINY_CAPTIONS, TINY_TRAINING, tiny_model, write_tiny_shapes
 from training import train_captioner
 from training.make_shapes import write_split
@@ -50,6 +50,29 @@ def test_targets_are_the_cells_grounding_counts_as_right():
             one = CaptionResult(tokens[t], [tokens[t]], [0.0], 0.0, attention)
             grounded = grounding({1: one}, {1: SCENE}, (2, 2))["grounding"]
             assert grounded == float(targets[t, cell]), (tokens[t], cell)
+
+
+def test_count_words_target_every_object_their_phrase_names():
+    twins = [
+        SCENE[0],
+        {**SCENE[1], "size": "large"},
+        _object("red", "circle", slice(0, 2), slice(2, 4)),  # cell (0, 1): a second red circle
+    ]
+    tokens = tokenize("a picture of two small red circles and a blue square that is large")
+    targets = count_targets(tokens, twins, (2, 2))
+    assert targets.shape == (len(tokens), 4)
+    assert targets[3].tolist() == [True, True, False, False]  # "two": both red circles
+    assert targets[8].tolist() == [False, False, True, True]  # "a": the square, size after it
+    others = [t for t in range(len(tokens)) if t not in (3, 8)]
+    assert not targets[others].any()  # "a picture" names nothing
+    # a size or colour no object has: no cell; a phrase naming only the shape: every such object
+    assert not count_targets(tokenize("two large red circles"), twins, (2, 2)).any()
+    assert not count_targets(tokenize("a green square"), twins, (2, 2)).any()
+    circles = count_targets(tokenize("three circles"), twins, (2, 2))
+    assert circles[0].tolist() == [True, True, False, False]
+    # beside the colour and shape words' targets, which they do not change
+    words = attention_targets(tokens, twins, (2, 2))
+    assert not (words & targets).any()
 
 
 def test_the_loss_draws_attention_onto_the_target_cells_and_ignores_free_words():
@@ -143,6 +166,8 @@ def test_supervised_attention_refuses_what_it_cannot_do(shapes, tmp_path):
         _run([*base, "--supervise-attention", "-1"])
     with pytest.raises(ValueError, match="needs attention"):
         _run([*base, "--supervise-attention", "1", "--no-attention"])
+    with pytest.raises(ValueError, match="--supervise-counts needs --supervise-attention"):
+        _run([*base, "--supervise-counts"])
     with pytest.raises(ValueError, match="not with --scst-from"):
         _run([*base, "--supervise-attention", "1", "--scst-from", str(tmp_path / "model")])
     bare = tmp_path / "bare"

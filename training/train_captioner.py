@@ -47,7 +47,7 @@ from captioner.data.caption_data import (
 from captioner.data.images import ImageTensors
 from captioner.evaluation.caption_scores import caption_split, read_objects, score
 from captioner.evaluation.cider import CiderD
-from captioner.evaluation.grounding import attention_targets
+from captioner.evaluation.grounding import attention_targets, count_targets
 from captioner.progress import progress
 from captioner.vocab import Vocabulary
 from captioner.word_vectors import init_embedding
@@ -132,6 +132,13 @@ def get_args_parser() -> argparse.ArgumentParser:
         metavar="WEIGHT",
         help="weight of the attention-correctness loss (Liu et al. 2017): each colour or shape "
         "word's attention drawn onto the objects it names, read from --train-objects; 0 = off",
+    )
+    model.add_argument(
+        "--supervise-counts",
+        action="store_true",
+        help="with --supervise-attention: each count word ('a', 'two') is also drawn onto every "
+        "object its phrase names, so the step that counts looks at all the copies (pair it "
+        "with --attention-mass, which lets the step see how many cells it looks at)",
     )
     model.add_argument(
         "--hard-attention",
@@ -222,19 +229,22 @@ def caption_attention_targets(
     vocab: Vocabulary,
     grid_hw: tuple[int, int],
     source: str | Path = "the objects",
+    counts: bool = False,
 ) -> torch.Tensor:
     """(captions, T-1, cells) bool: for caption k (word ids `<start> ... <end> <pad>...`, about
-    image `image_ids[k]`), the cells each predicted word should attend (`attention_targets`);
-    `source` names the objects in the error for an image they lack."""
+    image `image_ids[k]`), the cells each predicted word should attend (`attention_targets`, and
+    with `counts` those of the count words, `count_targets`); `source` names the objects in the
+    error for an image they lack."""
     ids = caption_ids[:, 1:]
     out = torch.zeros(*ids.shape, grid_hw[0] * grid_hw[1], dtype=torch.bool)
     for k, image_id in enumerate(image_ids):
         if image_id not in objects:
             raise ValueError(f"image {image_id} has no objects in {source}")
         words = vocab.decode_tokens(ids[k].tolist())
-        out[k, : len(words)] = torch.from_numpy(
-            attention_targets(words, objects[image_id], grid_hw)
-        )
+        targets = attention_targets(words, objects[image_id], grid_hw)
+        if counts:
+            targets |= count_targets(words, objects[image_id], grid_hw)
+        out[k, : len(words)] = torch.from_numpy(targets)
     return out
 
 
@@ -251,6 +261,8 @@ class CaptionTask(loop.Task):
             raise ValueError(
                 "--supervise-attention trains with cross-entropy: not with --scst-from"
             )
+        if args.supervise_counts and not args.supervise_attention > 0:
+            raise ValueError("--supervise-counts needs --supervise-attention WEIGHT > 0")
         if args.supervise_attention > 0 and args.no_attention:
             raise ValueError("--supervise-attention needs attention: not with --no-attention")
         self.train_set, self.val_set, objects_file = load_splits(args)
@@ -329,6 +341,7 @@ class CaptionTask(loop.Task):
                 self.vocab,
                 self.grid_hw,
                 args.train_objects,
+                counts=args.supervise_counts,
             )
         if args.scst_from:  # rewards against each image's references, idf from all of them
             refs = {

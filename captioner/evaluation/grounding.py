@@ -17,7 +17,9 @@ import numpy as np
 
 from captioner.data.shapes import (
     COLOUR_WORDS,
+    COUNT_WORDS,
     SHAPE_WORDS,
+    SIZE_WORDS,
     ShapeObject,
     decode_mask,
     parse_caption,
@@ -95,6 +97,35 @@ def attention_targets(
         key = word_key(token)
         if key is not None and key in cells:
             out[t] = cells[key].reshape(-1)
+    return out
+
+
+def count_targets(
+    tokens: Sequence[str],
+    objects: Sequence[Mapping[str, Any]],
+    grid_hw: tuple[int, int],
+) -> np.ndarray:
+    """(len(tokens), h * w) bool: for each count word ("a", "two", "pair": `COUNT_WORDS`), the
+    grid cells of every object its phrase names, the phrase running to the next count word: the
+    objects with the size, colour and shape it states ("two small red circles", "three squares in
+    blue": those it leaves out match any). No cell for a count word whose phrase names no colour
+    or shape ("a picture of ..."), for one no object matches, or for the other words. The step
+    that writes a count then looks at every copy it counts."""
+    h, w = grid_hw
+    out = np.zeros((len(tokens), h * w), dtype=bool)
+    starts = [t for t, token in enumerate(tokens) if token in COUNT_WORDS]
+    if not starts:
+        return out
+    cells = [cells_overlapping(decode_mask(o["mask"]), grid_hw).reshape(-1) for o in objects]
+    for start, end in zip(starts, [*starts[1:], len(tokens)]):
+        phrase = tokens[start + 1 : end]
+        named = dict(k for k in map(word_key, phrase) if k is not None)
+        if not named:
+            continue
+        named.update(("size", SIZE_WORDS[t]) for t in phrase if t in SIZE_WORDS)
+        for obj, overlap in zip(objects, cells):
+            if all(obj[kind] == value for kind, value in named.items()):
+                out[start] |= overlap
     return out
 
 
