@@ -137,9 +137,21 @@ def test_training_with_supervised_attention_raises_the_attention_on_named_object
     assert sup > 1.5 * base, (sup, base)
 
 
-def _named_mass(folder, shapes) -> float:
+def test_count_targets_draw_the_count_words_attention_onto_their_objects(shapes, tmp_path):
+    common = ["--data", str(shapes), "--epochs", "8", "--val-limit", "2", *TINY_TRAINING]
+    common += ["--lr", "0.01", "--seed", "1", "--supervise-attention", "3", "--attention-mass"]
+    _run([*common, "--out", str(tmp_path / "words")])
+    _run([*common, "--out", str(tmp_path / "counts"), "--supervise-counts"])
+    assert json.loads((tmp_path / "counts" / "args.json").read_text())["supervise_counts"]
+    counted = _named_mass(tmp_path / "counts" / "last", shapes, counts=True)
+    free = _named_mass(tmp_path / "words" / "last", shapes, counts=True)
+    assert counted > 1.5 * free, (counted, free)
+
+
+def _named_mass(folder, shapes, counts: bool = False) -> float:
     """Mean attention (teacher-forced) of the colour and shape words of the training split's
-    first references on the cells of the objects they name."""
+    first references on the cells of the objects they name; with `counts`, that of the count
+    words on the objects of their phrase."""
     captioner = Captioner.load(folder)
     data = load_coco_captions(shapes / "train" / "captions.json", shapes / "train" / "images")
     objects = read_objects(shapes / "train" / "objects.json")
@@ -152,7 +164,12 @@ def _named_mass(folder, shapes) -> float:
         objects,
         vocab,
         captioner.model.grid_hw,
+        counts=counts,
     )
+    if counts:  # only the count words' targets
+        targets &= ~caption_attention_targets(
+            captions, [r.image_id for r in data.records], objects, vocab, captioner.model.grid_hw
+        ).any(dim=2, keepdim=True)
     with torch.no_grad():
         features = captioner.encode(captioner.preprocess([r.path for r in data.records]))
         alphas = captioner.model.decoder(features, captions)[2]
