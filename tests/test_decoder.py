@@ -141,6 +141,7 @@ def test_hard_attention_reads_one_sampled_cell_per_step_in_training():
     twin.decoder.attend.forward = lambda f, p, h: (
         torch.bmm(one_hot.unsqueeze(1), f).squeeze(1),
         one_hot,
+        one_hot.log(),  # the energies one_hot is the softmax of
     )
     torch.manual_seed(0)
     expected, _, _ = twin.decoder.step(memory, state, CAPS[:, 0])
