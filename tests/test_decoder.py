@@ -227,7 +227,7 @@ def test_attention_mass_reaches_the_lstm_and_trains():
     hook.remove()
     torch.testing.assert_close(alpha, torch.softmax(energy, dim=1))
     torch.testing.assert_close(seen[0][:, -1], torch.log1p(torch.sigmoid(energy).sum(1)))
-    # Two images whose energies differ only by a constant: the same alpha, other masses.
+    # Energies shifted by a constant (the score's bias): the same alpha, a larger mass.
     with torch.no_grad():
         decoder.attend.score.bias.add_(3.0)
         _, shifted_alpha, _ = decoder.step(memory, state, torch.tensor([1, 1]))
