@@ -47,7 +47,7 @@ from captioner.data.caption_data import (
 from captioner.data.images import ImageTensors
 from captioner.evaluation.caption_scores import caption_split, read_objects, score
 from captioner.evaluation.cider import CiderD
-from captioner.evaluation.grounding import attention_targets, count_targets
+from captioner.evaluation.grounding import attention_targets
 from captioner.progress import progress
 from captioner.vocab import Vocabulary
 from captioner.word_vectors import init_embedding
@@ -232,8 +232,8 @@ def caption_attention_targets(
     counts: bool = False,
 ) -> torch.Tensor:
     """(captions, T-1, cells) bool: for caption k (word ids `<start> ... <end> <pad>...`, about
-    image `image_ids[k]`), the cells each predicted word should attend (`attention_targets`, and
-    with `counts` those of the count words, `count_targets`); `source` names the objects in the
+    image `image_ids[k]`), the cells each predicted word should attend (`attention_targets`, with
+    `counts` the count words' too); `source` names the objects in the
     error for an image they lack."""
     ids = caption_ids[:, 1:]
     out = torch.zeros(*ids.shape, grid_hw[0] * grid_hw[1], dtype=torch.bool)
@@ -241,9 +241,7 @@ def caption_attention_targets(
         if image_id not in objects:
             raise ValueError(f"image {image_id} has no objects in {source}")
         words = vocab.decode_tokens(ids[k].tolist())
-        targets = attention_targets(words, objects[image_id], grid_hw)
-        if counts:
-            targets |= count_targets(words, objects[image_id], grid_hw)
+        targets = attention_targets(words, objects[image_id], grid_hw, counts)
         out[k, : len(words)] = torch.from_numpy(targets)
     return out
 

@@ -54,20 +54,36 @@ def cells_overlapping(mask: np.ndarray, grid_hw: tuple[int, int]) -> np.ndarray:
     return out
 
 
-def word_cells(
+def object_cells(
     objects: Sequence[Mapping[str, Any]],
     grid_hw: tuple[int, int],
-    image_size: tuple[int, int] | None,
-) -> dict[tuple[str, str], np.ndarray]:
-    """("color"|"shape", value) -> (h, w) cells overlapping any object with that value."""
-    cells: dict[tuple[str, str], np.ndarray] = {}
+    image_size: tuple[int, int] | None = None,
+) -> list[np.ndarray]:
+    """Per object, the (h, w) cells its mask overlaps; `image_size` (H, W), when given, is
+    checked against every mask."""
+    out = []
     for obj in objects:
         mask = decode_mask(obj["mask"])
         if image_size is not None and mask.shape != tuple(image_size):
             raise ValueError(
                 f"object mask is {mask.shape}, expected image_size {tuple(image_size)}"
             )
-        overlap = cells_overlapping(mask, grid_hw)
+        out.append(cells_overlapping(mask, grid_hw))
+    return out
+
+
+def word_cells(
+    objects: Sequence[Mapping[str, Any]],
+    grid_hw: tuple[int, int],
+    image_size: tuple[int, int] | None,
+    overlaps: Sequence[np.ndarray] | None = None,
+) -> dict[tuple[str, str], np.ndarray]:
+    """("color"|"shape", value) -> (h, w) cells overlapping any object with that value;
+    `overlaps`, each object's cells (`object_cells`), when the caller already has them."""
+    if overlaps is None:
+        overlaps = object_cells(objects, grid_hw, image_size)
+    cells: dict[tuple[str, str], np.ndarray] = {}
+    for obj, overlap in zip(objects, overlaps, strict=True):
         for key in (("color", obj["color"]), ("shape", obj["shape"])):
             cells[key] = cells[key] | overlap if key in cells else overlap
     return cells
@@ -86,17 +102,22 @@ def attention_targets(
     tokens: Sequence[str],
     objects: Sequence[Mapping[str, Any]],
     grid_hw: tuple[int, int],
+    counts: bool = False,
 ) -> np.ndarray:
     """(len(tokens), h * w) bool: for each colour or shape word, the grid cells that `grounding`
     counts as right (those overlapping an object with that colour or shape); no cell for the
-    other words, or for a word no object of the scene matches."""
+    other words, or for a word no object of the scene matches. With `counts`, the count words'
+    cells too (`count_targets`), from the same decoded masks."""
     h, w = grid_hw
-    cells = word_cells(objects, grid_hw, None)
+    overlaps = object_cells(objects, grid_hw)
+    cells = word_cells(objects, grid_hw, None, overlaps)
     out = np.zeros((len(tokens), h * w), dtype=bool)
     for t, token in enumerate(tokens):
         key = word_key(token)
         if key is not None and key in cells:
             out[t] = cells[key].reshape(-1)
+    if counts:
+        out |= _count_rows(tokens, objects, overlaps, grid_hw)
     return out
 
 
@@ -111,19 +132,26 @@ def count_targets(
     blue": those it leaves out match any). No cell for a count word whose phrase names no colour
     or shape ("a picture of ..."), for one no object matches, or for the other words. The step
     that writes a count then looks at every copy it counts."""
-    h, w = grid_hw
-    out = np.zeros((len(tokens), h * w), dtype=bool)
+    return _count_rows(tokens, objects, object_cells(objects, grid_hw), grid_hw)
+
+
+def _count_rows(
+    tokens: Sequence[str],
+    objects: Sequence[Mapping[str, Any]],
+    overlaps: Sequence[np.ndarray],
+    grid_hw: tuple[int, int],
+) -> np.ndarray:
+    """`count_targets` from each object's cells (`object_cells`)."""
+    cells = [o.reshape(-1) for o in overlaps]
+    out = np.zeros((len(tokens), grid_hw[0] * grid_hw[1]), dtype=bool)
     starts = [t for t, token in enumerate(tokens) if token in COUNT_WORDS]
-    if not starts:
-        return out
-    cells = [cells_overlapping(decode_mask(o["mask"]), grid_hw).reshape(-1) for o in objects]
     for start, end in zip(starts, [*starts[1:], len(tokens)]):
         phrase = tokens[start + 1 : end]
         named = dict(k for k in map(word_key, phrase) if k is not None)
         if not named:
             continue
         named.update(("size", SIZE_WORDS[t]) for t in phrase if t in SIZE_WORDS)
-        for obj, overlap in zip(objects, cells):
+        for obj, overlap in zip(objects, cells, strict=True):
             if all(obj[kind] == value for kind, value in named.items()):
                 out[start] |= overlap
     return out
