@@ -172,8 +172,8 @@ def test_a_captioner_with_decoder_options_exports(tmp_path, options):
     net = tiny_model(len(vocab), seed=4, **options).eval()
     with torch.no_grad():
         net.decoder.out.weight.mul_(5.0)
-    captioner = Captioner(net, vocab, name="preview")
-    folder = export_captioner(captioner, tmp_path / "preview")
+    captioner = Captioner(net, vocab, name="options")
+    folder = export_captioner(captioner, tmp_path / "options")
     pixels = torch.rand(5, 3, 32, 32, generator=torch.Generator().manual_seed(0))
     onnx_captioner = OnnxCaptioner(folder)
     for beam in (1, 3):
