@@ -17,12 +17,14 @@ CAPS = torch.tensor([[1, 5, 6, 7, 2, 0], [1, 8, 2, 0, 0, 0], [1, 9, 10, 11, 12, 
         dict(attention=False),
         dict(positional=True),
         dict(hard_attention=True),
+        dict(hard_attention=True, hard_expected=0.0),
+        dict(hard_attention=True, hard_expected=1.0),
         dict(word_dim=6),
         dict(attention_mass=True, hard_attention=True),
     ],
     ids=[
         *("lstm", "gru", "rnn", "lstm2", "no-attention", "positional", "hard-attention"),
-        *("word-dim", "mass-hard"),
+        *("hard-all-sampled", "hard-all-expected", "word-dim", "mass-hard"),
     ],
 )
 def test_every_parameter_gets_a_finite_gradient(variant):
@@ -148,6 +150,39 @@ def test_hard_attention_reads_one_sampled_cell_per_step_in_training():
     assert torch.allclose(logits, expected, atol=1e-6)
 
 
+def test_hard_attention_rows_told_to_read_the_expected_context_read_it_in_training():
+    hard = tiny_model(hard_attention=True).train()
+    soft = tiny_model(hard_attention=False).train()
+    soft.load_state_dict(hard.state_dict(), strict=False)
+    feats = hard.features(torch.randn(3, 3, 32, 32))
+    memory = hard.decoder.memory(feats)
+    state = hard.decoder.init_state(memory)
+    hard.decoder.dropout.p = soft.decoder.dropout.p = 0.0
+    cells: list[torch.Tensor] = []
+    read_expected = torch.tensor([True, False, True])
+    logits, _, _ = hard.decoder.step(memory, state, CAPS[:, 0], cells, read_expected)
+    expected, _, _ = soft.decoder.step(memory, state, CAPS[:, 0])
+    assert len(cells) == 1  # every row still drew its cell
+    torch.testing.assert_close(logits[read_expected], expected[read_expected])
+    assert not torch.allclose(logits[1], expected[1])  # the other row read its one cell
+
+
+@pytest.mark.parametrize("share", [0.0, 1.0])
+def test_hard_expected_share_decides_whether_teacher_forcing_reads_the_expected_context(share):
+    """hard_expected 1: every caption reads the expected context, so teacher forcing gives the
+    soft model's logits and the REINFORCE term has no policy part; 0: none does."""
+    hard = tiny_model(hard_attention=True, hard_expected=share, dropout=0.0).train()
+    soft = tiny_model(hard_attention=False, dropout=0.0).train()
+    soft.load_state_dict(hard.state_dict(), strict=False)
+    feats = hard.features(torch.randn(3, 3, 32, 32))
+    hard_logits, _, _ = hard.decoder(feats, CAPS)
+    soft_logits, _, _ = soft.decoder(feats, CAPS)
+    assert torch.allclose(hard_logits, soft_logits, atol=1e-6) == (share == 1.0)
+    baseline = hard.decoder.reward_baseline.clone()
+    hard.decoder(feats, CAPS)
+    assert torch.equal(hard.decoder.reward_baseline, baseline) == (share == 1.0)
+
+
 def test_hard_attention_inference_reads_the_expected_context_or_the_most_likely_cell():
     hard = tiny_model(hard_attention=True).eval()
     soft = tiny_model(hard_attention=False).eval()
@@ -176,6 +211,8 @@ def test_hard_attention_options_are_checked():
         DecoderConfig(
             vocab_size=5, feature_dim=4, grid_cells=4, attention=False, hard_attention=True
         )
+    with pytest.raises(ValueError, match=r"hard_expected must be in \[0, 1\], got 1.5"):
+        DecoderConfig(vocab_size=5, feature_dim=4, grid_cells=4, hard_expected=1.5)
     with pytest.raises(ValueError, match="hard_inference must be one of"):
         DecoderConfig(vocab_size=5, feature_dim=4, grid_cells=4, hard_inference="mode")
 

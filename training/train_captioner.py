@@ -56,8 +56,8 @@ from training.common import epoch_order, grouped_epoch_order, run_script
 
 # DecoderConfig fields given by the command-line arguments of the same name
 NET_ARGS = ("embed_dim", "hidden_dim", "attention_dim", "cell", "dropout", "positional")
-NET_ARGS += ("hard_attention", "hard_inference", "entropy_weight", "preview_steps")
-NET_ARGS += ("attention_mass",)
+NET_ARGS += ("hard_attention", "hard_inference", "hard_expected", "entropy_weight")
+NET_ARGS += ("preview_steps", "attention_mass")
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -152,6 +152,15 @@ def get_args_parser() -> argparse.ArgumentParser:
         default="expected",
         help="what a hard-attention model reads at inference: the expected context or the most "
         "likely cell",
+    )
+    model.add_argument(
+        "--hard-expected",
+        type=float,
+        default=0.5,
+        metavar="P",
+        help="hard attention: the share of training captions that read the expected context "
+        "instead of their sampled cells (Show, Attend and Tell 4.1 uses 0.5; 0: every caption "
+        "samples)",
     )
     model.add_argument(
         "--entropy-weight", type=float, default=0.01, help="hard attention's entropy bonus"

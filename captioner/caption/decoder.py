@@ -51,6 +51,12 @@ class DecoderConfig:
     hard_attention: bool = False
     hard_inference: str = "expected"
     entropy_weight: float = 0.01
+    # The share of training captions whose steps read the expected context instead of their
+    # sampled cell, drawn per caption ("with probability 0.5 for a given image, we set the
+    # sampled attention location to its expected value", Show, Attend and Tell 4.1). Those
+    # captions train the attention through the context, as soft attention does, and add nothing
+    # to the REINFORCE term.
+    hard_expected: float = 0.5
     # Steps the decoder takes before its first word: each attends and updates the state from the
     # <start> input, and writes nothing, so the first word (a count: "two small red circles")
     # can depend on more than one look at the image. Part of `init_state`, so every search,
@@ -93,6 +99,8 @@ class DecoderConfig:
             raise ValueError("attention_mass needs attention=True (it is the attention's mass)")
         if self.hard_attention and not self.attention:
             raise ValueError("hard_attention needs attention=True")
+        if not 0.0 <= self.hard_expected <= 1.0:
+            raise ValueError(f"hard_expected must be in [0, 1], got {self.hard_expected}")
         if self.hard_inference not in HARD_INFERENCE:
             raise ValueError(
                 f"hard_inference must be one of {HARD_INFERENCE}, got {self.hard_inference!r}"
@@ -217,13 +225,15 @@ class CaptionDecoder(nn.Module):
         state: State,
         prev_tokens: torch.Tensor,
         cells: list[torch.Tensor] | None = None,
+        read_expected: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None, State]:
         """prev_tokens (R,) -> logits (R, V), attention (R, L) or None, new state; R = B*k rows.
 
         With B images in `memory`, rows b*k .. b*k+k-1 of the state and tokens are about image b:
         the k beams of a beam search read their image's memory, which is never copied per beam.
-        Everywhere else k = 1 (one row per image). With hard attention the cell each row read
-        is appended to `cells` when given.
+        Everywhere else k = 1 (one row per image). With hard attention the cell each row drew
+        is appended to `cells` when given; in training, the rows where `read_expected` (R,) is
+        true read the expected context instead (`DecoderConfig.hard_expected`).
         """
         hs, cs = state
         top = hs[-1]
@@ -238,7 +248,9 @@ class CaptionDecoder(nn.Module):
             # context (R, D), alpha and energy (R, L)
             context, alpha, energy = self.attend(memory.features, memory.projected, top)
             if self.config.hard_attention:
-                context = self._hard_context(memory.features, alpha, context, cells)
+                context = self._hard_context(
+                    memory.features, alpha, context, cells, read_expected
+                )
             context = torch.sigmoid(self.gate(top)) * context
             if self.config.attention_mass:
                 mass = torch.log1p(torch.sigmoid(energy).sum(dim=1, keepdim=True))  # (R, 1)
@@ -267,9 +279,11 @@ class CaptionDecoder(nn.Module):
         alpha: torch.Tensor,
         expected: torch.Tensor,
         cells: list[torch.Tensor] | None,
+        read_expected: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """The one cell a hard-attention step reads: sampled from alpha in training, the most
-        likely in evaluation with "argmax"; "expected" evaluation keeps the weighted sum."""
+        """The one cell a hard-attention step reads: sampled from alpha in training (except the
+        `read_expected` rows, which keep the weighted sum), the most likely in evaluation with
+        "argmax"; "expected" evaluation keeps the weighted sum."""
         if self.training:
             cell = torch.multinomial(alpha.detach().float(), 1).squeeze(1)  # (B,)
         elif self.config.hard_inference == "argmax":
@@ -279,7 +293,10 @@ class CaptionDecoder(nn.Module):
         if cells is not None:
             cells.append(cell)
         rows = torch.arange(len(alpha), device=alpha.device) // (len(alpha) // len(features))
-        return features[rows, cell]  # (R, D): row r reads its image r // k
+        read = features[rows, cell]  # (R, D): row r reads its image r // k
+        if self.training and read_expected is not None:
+            read = torch.where(read_expected.unsqueeze(1), expected, read)
+        return read
 
     # -- teacher forcing -----------------------------------------------------------------------
     def forward(
@@ -314,6 +331,10 @@ class CaptionDecoder(nn.Module):
         ).sum(1)
         hard = self.config.hard_attention and self.training
         cells: list[torch.Tensor] | None = [] if hard else None
+        # In length order, as the captions are: the live rows of each step are a prefix.
+        read_expected = (
+            torch.rand(B, device=captions.device) < self.config.hard_expected if hard else None
+        )
         for t in range(steps):
             n = int(live_counts[t])
             if n < B and n < state[0][0].shape[0]:
@@ -326,7 +347,9 @@ class CaptionDecoder(nn.Module):
             if sample_prob > 0 and t > 0:
                 own = logits[:n, t - 1].detach().argmax(dim=1)
                 inputs = torch.where(torch.rand(n, device=inputs.device) < sample_prob, own, inputs)
-            step_logits, alpha, state = self.step(memory, state, inputs, cells)
+            step_logits, alpha, state = self.step(
+                memory, state, inputs, cells, None if read_expected is None else read_expected[:n]
+            )
             logits[:n, t] = step_logits
             if alphas is not None:
                 alphas[:n, t] = alpha
@@ -342,7 +365,7 @@ class CaptionDecoder(nn.Module):
         if alphas is not None and self.config.doubly_stochastic > 0:
             loss = loss + self.config.doubly_stochastic * doubly_stochastic_penalty(alphas, mask)
         if hard:
-            loss = loss + self._reinforce(alphas, cells, nll, mask)
+            loss = loss + self._reinforce(alphas, cells, nll, mask, ~read_expected)
         logits = logits[inverse]
         return logits, loss, (alphas[inverse] if alphas is not None else None)
 
@@ -352,11 +375,13 @@ class CaptionDecoder(nn.Module):
         cells: list[torch.Tensor],
         nll: torch.Tensor,
         mask: torch.Tensor,
+        sampled: torch.Tensor,
     ) -> torch.Tensor:
         """Show, Attend and Tell eq. 12: the sampled cells' log-probabilities weighted by the reward
         (each caption's mean word log-likelihood) less the moving-average baseline, and the
         entropy bonus. alphas (B, T, L) and cells (one (n_t,) tensor per step, the live captions
-        a prefix) in length order, as `forward` runs them."""
+        a prefix) in length order, as `forward` runs them; only the `sampled` (B,) captions, the
+        ones that read their cells, have a policy term and move the baseline."""
         B, T, _ = alphas.shape
         chosen = torch.zeros(B, T, dtype=torch.long, device=alphas.device)
         for t, cell in enumerate(cells):
@@ -364,9 +389,14 @@ class CaptionDecoder(nn.Module):
         log_alpha = torch.log(alphas.gather(2, chosen.unsqueeze(2)).squeeze(2).clamp_min(1e-12))
         reward = -(nll.detach().sum(1) / mask.sum(1))  # (B,): mean log-likelihood per word
         advantage = (reward - self.reward_baseline).unsqueeze(1)
-        with torch.no_grad():
-            self.reward_baseline.mul_(BASELINE_DECAY).add_((1 - BASELINE_DECAY) * reward.mean())
-        policy = -(advantage * log_alpha * mask).sum() / mask.sum()
+        policy = alphas.new_zeros(())
+        if bool(sampled.any()):
+            with torch.no_grad():
+                self.reward_baseline.mul_(BASELINE_DECAY).add_(
+                    (1 - BASELINE_DECAY) * reward[sampled].mean()
+                )
+            policy_mask = mask * sampled.unsqueeze(1)
+            policy = -(advantage * log_alpha * policy_mask).sum() / policy_mask.sum()
         entropy = -(alphas * torch.log(alphas.clamp_min(1e-12))).sum(2)  # (B, T)
         bonus = (entropy * mask).sum() / mask.sum()
         return policy - self.config.entropy_weight * bonus
