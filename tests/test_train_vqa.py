@@ -17,7 +17,7 @@ from captioner.vocab import SPECIALS, Vocabulary
 from captioner.vqa.answerer import Answerer
 from captioner.word_vectors import WordVectors
 from tests.conftest import run_torchrun
-from training import evaluate_vqa, train_vqa
+from training import evaluate_vqa, question_noise, train_vqa
 from training.make_shapes import write_split
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -273,17 +273,78 @@ def test_word_vector_arguments_that_do_not_fit_are_refused(shapes, tmp_path):
 def test_word_dropout_hides_words_never_padding_and_repeats_per_step(shapes, tmp_path):
     questions = torch.randint(4, 40, (200, 12))
     questions[:, 9:] = Vocabulary.pad_id
-    dropped = train_vqa.drop_words(questions, 0.3, seed=0, step=5)
+    dropped = question_noise.drop_words(questions, 0.3, seed=0, step=5)
     changed = dropped != questions
     assert torch.equal(dropped[changed], torch.full_like(dropped[changed], Vocabulary.unk_id))
     assert not changed[:, 9:].any()  # padding stays padding
     assert 0.25 < changed[:, :9].float().mean() < 0.35
-    assert torch.equal(dropped, train_vqa.drop_words(questions, 0.3, seed=0, step=5))
-    assert not torch.equal(dropped, train_vqa.drop_words(questions, 0.3, seed=0, step=6))
-    assert torch.equal(train_vqa.drop_words(questions, 0.0, seed=0, step=5), questions)
+    assert torch.equal(dropped, question_noise.drop_words(questions, 0.3, seed=0, step=5))
+    assert not torch.equal(dropped, question_noise.drop_words(questions, 0.3, seed=0, step=6))
+    assert torch.equal(question_noise.drop_words(questions, 0.0, seed=0, step=5), questions)
     out = tmp_path / "wd"
     argv = ["--data", str(shapes), "--out", str(out), "--epochs", "1", *TINY]
     _run([*argv, "--word-dropout", "0.2", "--val-split", "none"])
     assert json.loads((out / "best" / "training.json").read_text())["args"]["word_dropout"] == 0.2
     with pytest.raises(ValueError, match="--word-dropout must be in"):
         _run([*argv, "--word-dropout", "1.5"])
+
+
+def test_unseen_words_are_the_most_frequent_vocabulary_words_no_training_question_uses():
+    vocab = Vocabulary(["what", "color", "is", "the", "circle", "?", "and", "2", ",", "hue", "x"])
+    pool = question_noise.unseen_words(vocab, ["what color is the circle?"], 3)
+    assert [vocab.itos[i] for i in pool] == ["and", "hue", "x"]  # no number, no punctuation
+    assert [vocab.itos[i] for i in question_noise.unseen_words(vocab, ["and"], 1)] == ["what"]
+    with pytest.raises(ValueError, match="must be >= 1, got 0"):
+        question_noise.unseen_words(vocab, [], 0)
+
+
+def test_noisy_questions_keep_every_word_they_do_not_swap_and_never_pad_inside():
+    questions = torch.randint(4, 40, (400, 9))
+    lengths = torch.randint(1, 10, (400,))
+    questions[torch.arange(9).unsqueeze(0) >= lengths.unsqueeze(1)] = Vocabulary.pad_id
+    pool = torch.arange(100, 110)
+    noisy = question_noise.noisy_questions(questions, pool, 0.0, 0.5, seed=0, step=3, max_tokens=12)
+    inserted = 0
+    for before, after in zip(questions.tolist(), noisy.tolist()):
+        words = [w for w in before if w]
+        new = [w for w in after if w]
+        assert after[: len(new)] == new  # words first, padding after
+        assert [w for w in new if w < 100] == words and new[-1] == words[-1]
+        assert all(w in range(100, 110) for w in new if w >= 100) and len(new) <= max(
+            12, len(words)
+        )
+        inserted += len(new) - len(words)
+    assert 0.8 < inserted / 400 < 1.2  # 0.5 / (1 - 0.5) words a question on average
+
+    swapped = question_noise.noisy_questions(
+        questions, pool, 0.5, 0.0, seed=0, step=3, max_tokens=12
+    )
+    assert torch.equal(swapped != Vocabulary.pad_id, questions != Vocabulary.pad_id)
+    changed = (swapped != questions).sum(1)
+    assert changed.max() == 1 and 0.4 < changed.float().mean() < 0.6
+    assert bool((swapped[swapped != questions] >= 100).all())
+    # Drawn from (seed, step): again the same, another step not.
+    again = question_noise.noisy_questions(questions, pool, 0.5, 0.0, seed=0, step=3, max_tokens=12)
+    assert torch.equal(swapped, again)
+    other = question_noise.noisy_questions(questions, pool, 0.5, 0.0, seed=0, step=4, max_tokens=12)
+    assert not torch.equal(swapped, other)
+    same = question_noise.noisy_questions(questions, pool, 0.0, 0.0, seed=0, step=3, max_tokens=12)
+    assert torch.equal(same, questions[:, : int(lengths.max())])
+    with pytest.raises(ValueError, match=r"the insert probability must be in \[0, 1\), got 1.0"):
+        question_noise.noisy_questions(questions, pool, 0.0, 1.0, seed=0, step=3, max_tokens=12)
+
+
+def test_swapped_and_inserted_words_train_and_need_word_vectors(shapes, tmp_path):
+    out = tmp_path / "noise"
+    argv = ["--data", str(shapes), "--out", str(out), "--epochs", "1", *VECTORS_TINY]
+    vectors = ["--word-vectors", "glove-6b-50d", "--vector-words", "300"]
+    noise = ["--swap-words", "0.3", "--insert-words", "0.5", "--noise-words", "50"]
+    _run([*argv, *vectors, *noise, "--val-split", "none"])
+    args = json.loads((out / "best" / "training.json").read_text())["args"]
+    assert (args["swap_words"], args["insert_words"], args["noise_words"]) == (0.3, 0.5, 50)
+    with pytest.raises(ValueError, match="--swap-words and --insert-words need --word-vectors"):
+        _run([*argv, *noise])
+    with pytest.raises(ValueError, match=r"--insert-words must be in \[0, 1\), got 1.0"):
+        _run([*argv, *vectors, "--insert-words", "1"])
+    with pytest.raises(ValueError, match="raise --vector-words"):
+        _run([*argv, "--word-vectors", "glove-6b-50d", "--vector-words", "0", *noise])

@@ -46,6 +46,7 @@ from captioner.vqa.vqa_net import VQANet
 from captioner.word_vectors import WordVectors, init_embedding
 from training import loop
 from training.common import epoch_order, run_script
+from training.question_noise import drop_words, noisy_questions, unseen_words
 
 # VQAConfig fields given by the command-line arguments of the same name
 NET_ARGS = ("hidden_dim", "glimpses", "attention_dim", "fusion_dim")
@@ -63,6 +64,7 @@ NET_ARGS += (
 QUESTION_ENCODERS = ("lstm", "gru", "bilstm", "bigru")
 EMBED_DIM = 128
 VECTOR_WORDS = 20_000  # 20,000 x 50 floats: 4 MB of weights with glove-6b-50d
+NOISE_WORDS = 5_000  # English's everyday words: those a rewording brings in
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -133,19 +135,33 @@ def get_args_parser() -> argparse.ArgumentParser:
         "Iyyer et al. 2015; Bowman et al. 2016): the model learns to answer from the words it "
         "knows among ones it does not",
     )
-    return p
-
-
-def drop_words(questions: torch.Tensor, p: float, seed: int, step: int) -> torch.Tensor:
-    """`questions` (Q, T) with each word (not padding) replaced by `<unk>` with probability `p`,
-    drawn from (seed, step): the same on a resumed run and on every rank."""
-    if not 0 <= p < 1:
-        raise ValueError(f"--word-dropout must be in [0, 1), got {p}")
-    generator = torch.Generator().manual_seed(seed * 1_000_003 + step)
-    dropped = (torch.rand(questions.shape, generator=generator) < p) & (
-        questions != Vocabulary.pad_id
+    data.add_argument(
+        "--swap-words",
+        type=float,
+        default=0.0,
+        metavar="P",
+        help="with --word-vectors, at training: with probability P a question has one word "
+        "swapped for one of the --noise-words words no training question uses (SwitchOut, Wang "
+        "et al. 2018), so an unfamiliar word does not throw the model",
     )
-    return questions.masked_fill(dropped, Vocabulary.unk_id)
+    data.add_argument(
+        "--insert-words",
+        type=float,
+        default=0.0,
+        metavar="P",
+        help="with --word-vectors, at training: one of those words goes into a question while a "
+        "draw falls under P (none with probability 1-P, one with P(1-P), ...): a question in "
+        "more words than the generator's still asks the same",
+    )
+    data.add_argument(
+        "--noise-words",
+        type=int,
+        default=NOISE_WORDS,
+        metavar="N",
+        help="--swap-words and --insert-words draw from the N most frequent vector words of the "
+        f"vocabulary that no training question uses (default {NOISE_WORDS})",
+    )
+    return p
 
 
 def question_encoder(args: argparse.Namespace) -> tuple[str, bool]:
@@ -234,6 +250,17 @@ class VQATask(loop.Task):
             raise ValueError("--data is required (the folder of VQA v2 splits)")
         if not 0 <= args.word_dropout < 1:
             raise ValueError(f"--word-dropout must be in [0, 1), got {args.word_dropout}")
+        for name in ("swap_words", "insert_words"):
+            if not 0 <= getattr(args, name) < 1:
+                flag = "--" + name.replace("_", "-")
+                raise ValueError(f"{flag} must be in [0, 1), got {getattr(args, name)}")
+        if (args.swap_words or args.insert_words) and not args.word_vectors:
+            raise ValueError(
+                "--swap-words and --insert-words need --word-vectors: they bring in words no "
+                "training question uses, which only vectors give a meaning (else: --word-dropout)"
+            )
+        if args.noise_words < 1:
+            raise ValueError(f"--noise-words must be >= 1, got {args.noise_words}")
         super().__init__(args, d, show)
         self.root = Path(args.data)
         self.train_split = load_split(self.root, args.train_split)
@@ -269,6 +296,15 @@ class VQATask(loop.Task):
                 net.question.embedding, self.vocab.itos, vectors, args.freeze_vectors, args.seed
             )
             self.word_vectors = {**record, "vector_words": vector_words(args)}
+        self.noise_pool = None
+        if args.swap_words or args.insert_words:
+            questions = (item.question for item in self.train_split.items)
+            self.noise_pool = unseen_words(self.vocab, questions, args.noise_words)
+            if len(self.noise_pool) == 0:
+                raise ValueError(
+                    "--swap-words/--insert-words: every word of the vocabulary is in a training "
+                    "question; raise --vector-words"
+                )
         return net
 
     def wrap(self, model: VQANet, name: str, version: str) -> Answerer:
@@ -296,6 +332,17 @@ class VQATask(loop.Task):
     def loss(self, net, inputs, payload, step: int, total_steps: int) -> torch.Tensor:
         device = inputs.device
         questions, local, targets = payload
+        if self.noise_pool is not None:
+            args = self.args
+            questions = noisy_questions(
+                questions,
+                self.noise_pool,
+                args.swap_words,
+                args.insert_words,
+                args.seed,
+                step,
+                args.max_question_tokens,
+            )
         if self.args.word_dropout > 0:
             questions = drop_words(questions, self.args.word_dropout, self.args.seed, step)
         questions, local, targets = questions.to(device), local.to(device), targets.to(device)

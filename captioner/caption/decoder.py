@@ -248,9 +248,7 @@ class CaptionDecoder(nn.Module):
             # context (R, D), alpha and energy (R, L)
             context, alpha, energy = self.attend(memory.features, memory.projected, top)
             if self.config.hard_attention:
-                context = self._hard_context(
-                    memory.features, alpha, context, cells, read_expected
-                )
+                context = self._hard_context(memory.features, alpha, context, cells, read_expected)
             context = torch.sigmoid(self.gate(top)) * context
             if self.config.attention_mass:
                 mass = torch.log1p(torch.sigmoid(energy).sum(dim=1, keepdim=True))  # (R, 1)
