@@ -20,6 +20,10 @@ word no training question used ("what hue is the ball?") reads as its own vector
 
     python -m training.train_vqa --data /work/data/shapes --out runs/glove \
         --word-vectors glove-6b-50d --vector-words 20000 --question-encoder bilstm
+
+`--swap-words P` and `--insert-words P` then show the model such words in training: a question
+gets one of its words swapped for, or a few more words drawn from, the `--noise-words` most
+frequent vector words that no training question uses (`training.question_noise`).
 """
 
 from __future__ import annotations
