@@ -150,14 +150,18 @@ def test_hard_attention_reads_one_sampled_cell_per_step_in_training():
     assert torch.allclose(logits, expected, atol=1e-6)
 
 
-def test_hard_attention_rows_told_to_read_the_expected_context_read_it_in_training():
-    hard = tiny_model(hard_attention=True).train()
-    soft = tiny_model(hard_attention=False).train()
+def _hard_and_soft_twin(training: bool, images: int, **hard_args):
+    """A hard-attention model, a soft one with its weights, and the first step's inputs."""
+    hard = tiny_model(hard_attention=True, dropout=0.0, **hard_args).train(training)
+    soft = tiny_model(hard_attention=False, dropout=0.0).train(training)
     soft.load_state_dict(hard.state_dict(), strict=False)
-    feats = hard.features(torch.randn(3, 3, 32, 32))
+    feats = hard.features(torch.randn(images, 3, 32, 32))
     memory = hard.decoder.memory(feats)
-    state = hard.decoder.init_state(memory)
-    hard.decoder.dropout.p = soft.decoder.dropout.p = 0.0
+    return hard, soft, feats, memory, hard.decoder.init_state(memory)
+
+
+def test_hard_attention_rows_told_to_read_the_expected_context_read_it_in_training():
+    hard, soft, _, memory, state = _hard_and_soft_twin(True, 3)
     cells: list[torch.Tensor] = []
     read_expected = torch.tensor([True, False, True])
     logits, _, _ = hard.decoder.step(memory, state, CAPS[:, 0], cells, read_expected)
@@ -171,10 +175,7 @@ def test_hard_attention_rows_told_to_read_the_expected_context_read_it_in_traini
 def test_hard_expected_share_decides_whether_teacher_forcing_reads_the_expected_context(share):
     """hard_expected 1: every caption reads the expected context, so teacher forcing gives the
     soft model's logits and the REINFORCE term has no policy part; 0: none does."""
-    hard = tiny_model(hard_attention=True, hard_expected=share, dropout=0.0).train()
-    soft = tiny_model(hard_attention=False, dropout=0.0).train()
-    soft.load_state_dict(hard.state_dict(), strict=False)
-    feats = hard.features(torch.randn(3, 3, 32, 32))
+    hard, soft, feats, _, _ = _hard_and_soft_twin(True, 3, hard_expected=share)
     hard_logits, _, _ = hard.decoder(feats, CAPS)
     soft_logits, _, _ = soft.decoder(feats, CAPS)
     assert torch.allclose(hard_logits, soft_logits, atol=1e-6) == (share == 1.0)
@@ -184,12 +185,7 @@ def test_hard_expected_share_decides_whether_teacher_forcing_reads_the_expected_
 
 
 def test_hard_attention_inference_reads_the_expected_context_or_the_most_likely_cell():
-    hard = tiny_model(hard_attention=True).eval()
-    soft = tiny_model(hard_attention=False).eval()
-    soft.load_state_dict(hard.state_dict(), strict=False)
-    feats = hard.features(torch.randn(2, 3, 32, 32))
-    memory = hard.decoder.memory(feats)
-    state = hard.decoder.init_state(memory)
+    hard, soft, _, memory, state = _hard_and_soft_twin(False, 2)
     expected, _, _ = hard.decoder.step(memory, state, CAPS[:2, 0])
     assert torch.equal(expected, soft.decoder.step(memory, state, CAPS[:2, 0])[0])
 
