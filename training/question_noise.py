@@ -24,12 +24,17 @@ from captioner.vocab import Vocabulary, tokenize
 __all__ = ["drop_words", "noisy_questions", "unseen_words"]
 
 
+def _step_seed(seed: int, step: int) -> int:
+    """The seed of a training step's draws: the same on a resumed run and on every rank."""
+    return seed * 1_000_003 + step
+
+
 def drop_words(questions: torch.Tensor, p: float, seed: int, step: int) -> torch.Tensor:
     """`questions` (Q, T) with each word (not padding) replaced by `<unk>` with probability `p`,
     drawn from (seed, step): the same on a resumed run and on every rank."""
     if not 0 <= p < 1:
         raise ValueError(f"--word-dropout must be in [0, 1), got {p}")
-    generator = torch.Generator().manual_seed(seed * 1_000_003 + step)
+    generator = torch.Generator().manual_seed(_step_seed(seed, step))
     dropped = (torch.rand(questions.shape, generator=generator) < p) & (
         questions != Vocabulary.pad_id
     )
@@ -71,7 +76,7 @@ def noisy_questions(
             raise ValueError(f"the {name} probability must be in [0, 1), got {p}")
     if len(pool) == 0:
         raise ValueError("no words to swap in or insert")
-    rng = random.Random(seed * 1_000_003 + step)
+    rng = random.Random(_step_seed(seed, step))
     choices = pool.tolist()
     rows = []
     for row in questions.tolist():

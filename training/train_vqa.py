@@ -252,9 +252,7 @@ class VQATask(loop.Task):
     def __init__(self, args: argparse.Namespace, d, show: bool):
         if not args.data:
             raise ValueError("--data is required (the folder of VQA v2 splits)")
-        if not 0 <= args.word_dropout < 1:
-            raise ValueError(f"--word-dropout must be in [0, 1), got {args.word_dropout}")
-        for name in ("swap_words", "insert_words"):
+        for name in ("word_dropout", "swap_words", "insert_words"):
             if not 0 <= getattr(args, name) < 1:
                 flag = "--" + name.replace("_", "-")
                 raise ValueError(f"{flag} must be in [0, 1), got {getattr(args, name)}")
