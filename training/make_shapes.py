@@ -10,6 +10,9 @@ only on (seed, split name), and image ids never collide across splits.
 `--reword-train` gives each training question a twin in another word order of the generator's own
 words (`captioner.data.paraphrase.reword`; same image and answer, question id + 50), so that a
 model sees more than one sentence structure per form but no word a paraphrase brings in.
+`--vary-train` gives the twin other sentence structures and everyday words instead
+(`captioner.data.paraphrase.vary`: "tint", "contour", "element", "north of", ...), none of which a
+paraphrase uses either, so that a model meets each meaning in more than one word.
 
 `--paraphrase` also writes `questions_paraphrased.json`: the same questions (same ids, images and
 answers) in words the generated questions never use (`captioner.data.paraphrase` lists them), so
@@ -35,7 +38,7 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from captioner.data.paraphrase import paraphrase, reword
+from captioner.data.paraphrase import paraphrase, reword, vary
 from captioner.data.shapes import (
     Scene,
     ShapeObject,
@@ -108,18 +111,28 @@ def _question_id(scene: Scene, k: int) -> int:
     return scene.image_id * 100 + k
 
 
-def _wordings(scene: Scene, k: int, question: str, reworded: bool) -> list[tuple[int, str]]:
-    """(question id, text) of question k: the generated one, and with `reworded` its twin."""
+# How a training question's twin is written (`write_split(twin=...)`), and the "wording" its files
+# record.
+TWINS = {
+    "reword": (reword, "each question also reworded (captioner.data.paraphrase.reword)"),
+    "vary": (vary, "each question also in other words (captioner.data.paraphrase.vary)"),
+}
+
+
+def _wordings(scene: Scene, k: int, question: str, twin: str | None) -> list[tuple[int, str]]:
+    """(question id, text) of question k: the generated one, and with `twin` (a key of TWINS)
+    its twin, drawn from (the scene's seed, twin, k) alone."""
     qid = _question_id(scene, k)
-    if not reworded:
+    if twin is None:
         return [(qid, question)]
-    twin = reword(question, random.Random(derive_seed(scene.seed, "reword", k)))
-    return [(qid, question), (qid + REWORDED_ID, twin)]
+    rewrite, _ = TWINS[twin]
+    text = rewrite(question, random.Random(derive_seed(scene.seed, twin, k)))
+    return [(qid, question), (qid + REWORDED_ID, text)]
 
 
-def _vqa_records(scenes: Sequence[Scene], reworded: bool = False) -> tuple[list[dict], list[dict]]:
+def _vqa_records(scenes: Sequence[Scene], twin: str | None = None) -> tuple[list[dict], list[dict]]:
     """VQA v2 questions and annotations (10 identical answers each); question id = image id * 100
-    + k (+ REWORDED_ID for a reworded twin)."""
+    + k (+ REWORDED_ID for a twin)."""
     questions, answers = [], []
     for s in scenes:
         for k, q in enumerate(s.questions):
@@ -127,7 +140,7 @@ def _vqa_records(scenes: Sequence[Scene], reworded: bool = False) -> tuple[list[
                 {"answer": q.answer, "answer_confidence": "yes", "answer_id": i}
                 for i in range(1, 11)
             ]
-            for qid, text in _wordings(s, k, q.question, reworded):
+            for qid, text in _wordings(s, k, q.question, twin):
                 questions.append({"image_id": s.image_id, "question": text, "question_id": qid})
                 answers.append(
                     {
@@ -165,14 +178,17 @@ def write_split(
     workers: int = 1,
     progress: bool | None = None,
     paraphrased: bool = False,
-    reworded: bool = False,
+    twin: str | None = None,
 ) -> None:
     """Write `scenes` into `out_dir`: images first, the JSON files last (each by temp file and
     rename, after removing old ones), so no JSON ever names an image that is not there.
     `progress=None` shows a bar only on a terminal; `paraphrased` also writes the questions
-    reworded (`PARAPHRASED`); `reworded` gives each question a reworded twin (`_wordings`)."""
+    reworded (`PARAPHRASED`); `twin` ("reword" or "vary", TWINS) gives each question a twin in
+    other words (`_wordings`)."""
     if workers < 1:
         raise ValueError(f"workers must be >= 1, got {workers}")
+    if twin is not None and twin not in TWINS:
+        raise ValueError(f"twin must be one of {sorted(TWINS)} or None, got {twin!r}")
     out_dir = Path(out_dir)
     split = split or out_dir.name
     images_dir = out_dir / "images"
@@ -202,16 +218,11 @@ def write_split(
         {"id": s.image_id, "file_name": s.file_name, "width": s.size, "height": s.size}
         for s in scenes
     ]
-    questions, answers = _vqa_records(scenes, reworded)
+    questions, answers = _vqa_records(scenes, twin)
     vqa = {"task_type": "Open-Ended", "data_type": "shapes", "data_subtype": split}
     objects = [{"image_id": img["id"], **img, "objects": rec} for img, rec in zip(images, records)]
     _write_json(out_dir / "objects.json", {"info": info, "images": objects})
-    asked = info
-    if reworded:
-        asked = {
-            **info,
-            "wording": "each question also reworded (captioner.data.paraphrase.reword)",
-        }
+    asked = info if twin is None else {**info, "wording": TWINS[twin][1]}
     _write_json(out_dir / "questions.json", {"info": asked, **vqa, "questions": questions})
     _write_json(out_dir / "annotations.json", {"info": asked, **vqa, "annotations": answers})
     if paraphrased:
@@ -251,11 +262,23 @@ def get_args_parser() -> argparse.ArgumentParser:
         "generated questions never use, with the same question ids, so annotations.json "
         "scores it (captioner.data.paraphrase lists the substitutions)",
     )
-    parser.add_argument(
+    twins = parser.add_mutually_exclusive_group()
+    twins.add_argument(
         "--reword-train",
-        action="store_true",
+        action="store_const",
+        const="reword",
+        dest="twin",
         help="give each training question a twin in another word order of the generator's own "
         "words (captioner.data.paraphrase.reword), same answer; val and test stay as generated",
+    )
+    twins.add_argument(
+        "--vary-train",
+        action="store_const",
+        const="vary",
+        dest="twin",
+        help="give each training question a twin in other sentence structures and everyday words "
+        "that no paraphrase uses (captioner.data.paraphrase.vary), same answer; val and test "
+        "stay as generated",
     )
     return parser
 
@@ -275,7 +298,7 @@ def main(args: argparse.Namespace) -> None:
             seed=args.seed,
             workers=args.workers,
             paraphrased=args.paraphrase,
-            reworded=args.reword_train and split == "train",
+            twin=args.twin if split == "train" else None,
         )
         print(f"{split}: {n} images -> {args.out / split}")
 

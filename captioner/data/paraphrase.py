@@ -41,6 +41,28 @@ Substitutions (`{...}` is drawn from the list of that name):
   than; "to the right of" -> right of, on the right of, on the right side of, further right than;
   "above" -> higher than, over, higher up than, further up than; "below" -> lower than, under,
   beneath, underneath, further down than.
+
+Training words. `vary(question, rng)` (`make_shapes --vary-train`) writes a training question in
+other everyday words, so that a model meets each meaning in more than one word; none of them is a
+word a paraphrase uses, so the paraphrased test split still asks in words no training question
+uses. Templates (VARIED_TEMPLATES; `{...}` drawn from TRAINING_SYNONYMS, the generator's word
+among them):
+- colour: "what {color} is the {target}?", "tell me the {color} of the {target}?", "name the
+  {color} of the {target}?"; {color}: color, tint, coloring, tone.
+- shape: "what {shape} is the {attributes} {object}?", "tell me the {shape} of the {attributes}
+  {object}?", "what kind of {shape} is the {attributes} {object}?"; {shape}: shape, geometry,
+  contour, silhouette; {object}: object, element, entity, symbol.
+- count: "how many {counted} are there?", "tell me how many {counted} there are?", "please tell
+  me how many {counted} there are?"; "objects" -> objects, elements, entities, symbols.
+- exist: "is there a {target}?", "tell me if there is a {target}?", "is there a {target} or
+  not?".
+- relation: "is the {a} {relation} the {b}?", "tell me if the {a} is {relation} the {b}?", "is
+  the {b} {inverse} the {a}?" (asked the other way round).
+- relation, what: "what {attribute} is the {object} {relation} the {b}?", "tell me the
+  {attribute} of the {object} {relation} the {b}?", "name the {attribute} of the {object}
+  {relation} the {b}?".
+- {relation}: "to the left of" or west of, "to the right of" or east of, "above" or north of,
+  "below" or south of.
 """
 
 from __future__ import annotations
@@ -67,9 +89,12 @@ __all__ = [
     "REPLACED_WORDS",
     "REWORDING_TEMPLATES",
     "SYNONYMS",
+    "TRAINING_SYNONYMS",
+    "VARIED_TEMPLATES",
     "paraphrase",
     "parse_question",
     "reword",
+    "vary",
 ]
 
 # The canonical words a paraphrase may keep; every other canonical word it must replace.
@@ -174,6 +199,54 @@ REWORDING_TEMPLATES: dict[str, tuple[str, ...]] = {
 }
 _INVERSE = {"left": "right", "right": "left", "above": "below", "below": "above"}
 
+# Everyday words of the training side: what `make_shapes --vary-train` adds to a training split, so
+# that a model meets each meaning in more than one word and learns it as a region of the word
+# vectors, not one point. Each list starts with the generator's word. No word here (or in
+# VARIED_TEMPLATES) is one a paraphrase uses, so the paraphrased test split still asks in words no
+# training question uses.
+TRAINING_SYNONYMS: dict[str, tuple[str, ...]] = {
+    "color": ("color", "tint", "coloring", "tone"),
+    "shape": ("shape", "geometry", "contour", "silhouette"),
+    "object": ("object", "element", "entity", "symbol"),
+    "objects": ("objects", "elements", "entities", "symbols"),
+    "left": ("to the left of", "west of"),
+    "right": ("to the right of", "east of"),
+    "above": ("above", "north of"),
+    "below": ("below", "south of"),
+}
+VARIED_TEMPLATES: dict[str, tuple[str, ...]] = {
+    "color": (
+        "what {color} is the {target}?",
+        "tell me the {color} of the {target}?",
+        "name the {color} of the {target}?",
+    ),
+    "shape": (
+        "what {shape} is the {attributes} {object}?",
+        "tell me the {shape} of the {attributes} {object}?",
+        "what kind of {shape} is the {attributes} {object}?",
+    ),
+    "count": (
+        "how many {counted} are there?",
+        "tell me how many {counted} there are?",
+        "please tell me how many {counted} there are?",
+    ),
+    "exist": (
+        "is there a {target}?",
+        "tell me if there is a {target}?",
+        "is there a {target} or not?",
+    ),
+    "relation": (
+        "is the {a} {relation} the {b}?",
+        "tell me if the {a} is {relation} the {b}?",
+        "is the {b} {inverse} the {a}?",
+    ),
+    "relation_what": (
+        "what {attribute} is the {object} {relation} the {b}?",
+        "tell me the {attribute} of the {object} {relation} the {b}?",
+        "name the {attribute} of the {object} {relation} the {b}?",
+    ),
+}
+
 
 def _any(words: Iterable[str]) -> str:
     return "(?:" + "|".join(re.escape(w) for w in sorted(words, key=len, reverse=True)) + ")"
@@ -247,3 +320,31 @@ def reword(question: str, rng: random.Random) -> str:
         direction = _DIRECTION[fields["relation"]]
         fields["inverse"] = RELATION_PHRASES[_INVERSE[direction]]
     return rng.choice(REWORDING_TEMPLATES[form]).format(**fields)
+
+
+def vary(question: str, rng: random.Random) -> str:
+    """`question` (a generated shapes-world question) in other words drawn by `rng`: a template of
+    VARIED_TEMPLATES, each replaceable word from TRAINING_SYNONYMS (its own word among them). Same
+    form, same answer, never a word a paraphrase uses, and never `question` itself (drawn again
+    until it differs). A relation may be asked the other way round, as in `reword`."""
+    form, fields = parse_question(question)
+    while (varied := _vary(form, dict(fields), rng)) == question:
+        pass
+    return varied
+
+
+def _vary(form: str, fields: dict[str, str], rng: random.Random) -> str:
+    if "relation" in fields:
+        direction = _DIRECTION[fields["relation"]]
+        fields["relation"] = rng.choice(TRAINING_SYNONYMS[direction])
+        fields["inverse"] = rng.choice(TRAINING_SYNONYMS[_INVERSE[direction]])
+    if "attribute" in fields:
+        fields["attribute"] = rng.choice(TRAINING_SYNONYMS[fields["attribute"]])
+    if "counted" in fields:
+        words = fields["counted"].split()
+        if words[-1] == COUNTED_ALL:
+            words[-1] = rng.choice(TRAINING_SYNONYMS[COUNTED_ALL])
+        fields["counted"] = " ".join(words)
+    template = rng.choice(VARIED_TEMPLATES[form])
+    fill = {name: rng.choice(TRAINING_SYNONYMS[name]) for name in ("color", "shape", "object")}
+    return template.format(**fields, **fill)
