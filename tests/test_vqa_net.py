@@ -230,6 +230,31 @@ def test_bidirectional_states_are_both_directions_over_the_words_only():
     assert net.classifier[1].in_features == 2 * net.config.cell_dim + 2 * H
 
 
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+def test_one_call_for_both_directions_agrees_with_two(cell):
+    # At inference, questions without padding run both directions in one bidirectional kernel
+    # call; a padded batch runs the two RNNs. Each question alone must get its row of the batch.
+    net = tiny_vqa(bidirectional=True, cell=cell, question_attention=True, glimpses=2).eval()
+    calls = []
+    net.question.rnn_back.register_forward_hook(lambda *_: calls.append(1))
+    questions = torch.tensor([[5, 6, 7, 0, 0], [8, 9, 10, 11, 12], [13, 0, 0, 0, 0]])
+    with torch.no_grad():
+        last, states, _ = net.question(questions)
+        assert len(calls) == 1  # padded: the two RNNs
+        for row, n in enumerate([3, 5, 1]):
+            alone_last, alone_states, _ = net.question(questions[row : row + 1, :n])
+            torch.testing.assert_close(alone_last[0], last[row])
+            torch.testing.assert_close(alone_states[0], states[row, :n])
+        assert len(calls) == 1  # alone, without padding: one call for both directions
+        same_length = torch.tensor([[5, 6, 7], [9, 10, 11]])
+        batch_last = net.question(same_length)[0]
+        torch.testing.assert_close(batch_last[1], net.question(questions[1:2, 1:4])[0][0])
+        assert len(calls) == 1
+        net.train()  # training keeps the two RNNs, with or without padding
+        net.question(same_length)
+        assert len(calls) == 2
+
+
 def small_vectors(words: list[str], dim: int = 6) -> WordVectors:
     rng = np.random.default_rng(0)
     return WordVectors(words, rng.normal(size=(len(words), dim)).astype(np.float32), "test")
