@@ -45,22 +45,31 @@ Substitutions (`{...}` is drawn from the list of that name):
 Training words. `vary(question, rng)` (`make_shapes --vary-train`) writes a training question in
 other everyday words, so that a model meets each meaning in more than one word; none of them is a
 word a paraphrase uses, so the paraphrased test split still asks in words no training question
-uses. Templates (VARIED_TEMPLATES; `{...}` drawn from TRAINING_SYNONYMS, the generator's word
-among them):
+uses. Templates (VARIED_TEMPLATES: three of its own per form, then the three of
+REWORDING_TEMPLATES with "color", "shape" and "object" as slots; `{...}` drawn from
+TRAINING_SYNONYMS, the generator's word among them):
 - colour: "what {color} is the {target}?", "tell me the {color} of the {target}?", "name the
-  {color} of the {target}?"; {color}: color, tint, coloring, tone.
+  {color} of the {target}?", "the {target} is what {color}?", "what is the {color} of the
+  {target}?", "of what {color} is the {target}?"; {color}: color, tint, coloring, tone.
 - shape: "what {shape} is the {attributes} {object}?", "tell me the {shape} of the {attributes}
-  {object}?", "what kind of {shape} is the {attributes} {object}?"; {shape}: shape, geometry,
-  contour, silhouette; {object}: object, element, entity, symbol.
+  {object}?", "what kind of {shape} is the {attributes} {object}?", "the {attributes} {object}
+  is what {shape}?", "what is the {shape} of the {attributes} {object}?", "of what {shape} is
+  the {attributes} {object}?"; {shape}: shape, geometry, contour, silhouette; {object}: object,
+  element, entity, symbol.
 - count: "how many {counted} are there?", "tell me how many {counted} there are?", "please tell
-  me how many {counted} there are?"; "objects" -> objects, elements, entities, symbols.
+  me how many {counted} there are?", "there are how many {counted}?", "of the {counted} how many
+  are there?", "how many are there of the {counted}?"; "objects" -> objects, elements, entities,
+  symbols.
 - exist: "is there a {target}?", "tell me if there is a {target}?", "is there a {target} or
-  not?".
-- relation: "is the {a} {relation} the {b}?", "tell me if the {a} is {relation} the {b}?", "is
-  the {b} {inverse} the {a}?" (asked the other way round).
+  not?", "is a {target} there?", "there is a {target}?", "is there a {target} there?".
+- relation: "is the {a} {relation} the {b}?", "tell me if the {a} is {relation} the {b}?", "tell
+  me if the {b} is {inverse} the {a}?", "the {a} is {relation} the {b}?", "is the {b} {inverse}
+  the {a}?", "the {b} is {inverse} the {a}?" ({inverse}: asked the other way round).
 - relation, what: "what {attribute} is the {object} {relation} the {b}?", "tell me the
   {attribute} of the {object} {relation} the {b}?", "name the {attribute} of the {object}
-  {relation} the {b}?".
+  {relation} the {b}?", "the {object} {relation} the {b} is what {attribute}?", "what is the
+  {attribute} of the {object} {relation} the {b}?", "what {attribute} is there {relation} the
+  {b}?".
 - {relation}: "to the left of" or west of, "to the right of" or east of, "above" or north of,
   "below" or south of.
 """
@@ -214,7 +223,7 @@ TRAINING_SYNONYMS: dict[str, tuple[str, ...]] = {
     "above": ("above", "north of"),
     "below": ("below", "south of"),
 }
-VARIED_TEMPLATES: dict[str, tuple[str, ...]] = {
+_OWN_TEMPLATES: dict[str, tuple[str, ...]] = {
     "color": (
         "what {color} is the {target}?",
         "tell me the {color} of the {target}?",
@@ -238,13 +247,24 @@ VARIED_TEMPLATES: dict[str, tuple[str, ...]] = {
     "relation": (
         "is the {a} {relation} the {b}?",
         "tell me if the {a} is {relation} the {b}?",
-        "is the {b} {inverse} the {a}?",
+        "tell me if the {b} is {inverse} the {a}?",
     ),
     "relation_what": (
         "what {attribute} is the {object} {relation} the {b}?",
         "tell me the {attribute} of the {object} {relation} the {b}?",
         "name the {attribute} of the {object} {relation} the {b}?",
     ),
+}
+
+
+def _with_slots(template: str) -> str:
+    """A REWORDING_TEMPLATES template with its generator words made slots for TRAINING_SYNONYMS."""
+    return re.sub(r"\b(color|shape|object)\b", r"{\1}", template)
+
+
+# The training side's own structures, then the rewordings' with their words drawn as synonyms.
+VARIED_TEMPLATES: dict[str, tuple[str, ...]] = {
+    form: (*own, *map(_with_slots, REWORDING_TEMPLATES[form])) for form, own in _OWN_TEMPLATES.items()
 }
 
 
