@@ -64,11 +64,18 @@ def pairs():
     return reworded(paraphrase, seed=11)
 
 
+def _brought_in(
+    templates: dict[str, tuple[str, ...]], synonyms: dict[str, tuple[str, ...]]
+) -> set[str]:
+    """Every word the templates and synonyms bring in beyond the generator's."""
+    texts = [re.sub(r"\{\w+\}", " ", t) for ts in templates.values() for t in ts]
+    texts += [w for words in synonyms.values() for w in words]
+    return {w for t in texts for w in tokenize(t)} - QUESTION_WORDS
+
+
 def _new_words() -> set[str]:
     """Every word the paraphrase templates and synonyms bring in."""
-    texts = [re.sub(r"\{\w+\}", " ", t) for ts in PARAPHRASE_TEMPLATES.values() for t in ts]
-    texts += [w for words in SYNONYMS.values() for w in words]
-    return {w for t in texts for w in tokenize(t)} - QUESTION_WORDS
+    return _brought_in(PARAPHRASE_TEMPLATES, SYNONYMS)
 
 
 def test_kept_and_replaced_words_split_the_canonical_vocabulary():
@@ -241,9 +248,7 @@ def variations():
 
 def _training_words() -> set[str]:
     """Every word the training-side templates and synonyms bring in."""
-    texts = [re.sub(r"\{\w+\}", " ", t) for ts in VARIED_TEMPLATES.values() for t in ts]
-    texts += [w for words in TRAINING_SYNONYMS.values() for w in words]
-    return {w for t in texts for w in tokenize(t)} - QUESTION_WORDS
+    return _brought_in(VARIED_TEMPLATES, TRAINING_SYNONYMS)
 
 
 def test_training_words_are_none_a_paraphrase_uses(variations):
