@@ -264,7 +264,8 @@ def _with_slots(template: str) -> str:
 
 # The training side's own structures, then the rewordings' with their words drawn as synonyms.
 VARIED_TEMPLATES: dict[str, tuple[str, ...]] = {
-    form: (*own, *map(_with_slots, REWORDING_TEMPLATES[form])) for form, own in _OWN_TEMPLATES.items()
+    form: (*own, *map(_with_slots, REWORDING_TEMPLATES[form]))
+    for form, own in _OWN_TEMPLATES.items()
 }
 
 
