@@ -312,23 +312,53 @@ def parse_question(question: str) -> tuple[str, dict[str, str]]:
     return form, match.groupdict()
 
 
+def _rewrite(
+    form: str,
+    fields: dict[str, str],
+    rng: random.Random,
+    templates: dict[str, tuple[str, ...]],
+    words: dict[str, tuple[str, ...]],
+    slots: dict[str, str],
+    inverse: bool = False,
+) -> str:
+    """A question of `form` (`fields` from `parse_question`) written again, drawn by `rng`: a
+    template of `templates[form]`, each generator word in the fields swapped for one of
+    `words[that word]` ("color", "shape", "objects", a direction) and each slot of `slots`
+    (slot name -> generator word) filled the same way; with `inverse`, also {inverse}, a word
+    for the opposite direction, for a relation asked the other way round."""
+    if "relation" in fields:
+        direction = _DIRECTION[fields["relation"]]
+        fields["relation"] = rng.choice(words[direction])
+        if inverse:
+            fields["inverse"] = rng.choice(words[_INVERSE[direction]])
+    if "attribute" in fields:
+        fields["attribute"] = rng.choice(words[fields["attribute"]])
+    if "counted" in fields:
+        counted = fields["counted"].split()
+        if counted[-1] == COUNTED_ALL:
+            counted[-1] = rng.choice(words[COUNTED_ALL])
+        fields["counted"] = " ".join(counted)
+    template = rng.choice(templates[form])
+    fill = {slot: rng.choice(words[word]) for slot, word in slots.items()}
+    return template.format(**fields, **fill)
+
+
+# SYNONYMS by the generator word each list replaces, and PARAPHRASE_TEMPLATES' slots by theirs.
+_PARAPHRASE_WORDS = {
+    **{direction: SYNONYMS[direction] for direction in RELATION_PHRASES},
+    "color": SYNONYMS["colour"],
+    "shape": SYNONYMS["form"],
+    "object": SYNONYMS["thing"],
+    COUNTED_ALL: SYNONYMS["things"],
+}
+_PARAPHRASE_SLOTS = {"colour": "color", "form": "shape", "thing": "object"}
+
+
 def paraphrase(question: str, rng: random.Random) -> str:
     """`question` (a generated shapes-world question) in other words, drawn by `rng` from
     PARAPHRASE_TEMPLATES and SYNONYMS: same form, same scene words, same answer."""
     form, fields = parse_question(question)
-    if "relation" in fields:
-        fields["relation"] = rng.choice(SYNONYMS[_DIRECTION[fields["relation"]]])
-    if "attribute" in fields:
-        kind = "colour" if fields["attribute"] == "color" else "form"
-        fields["attribute"] = rng.choice(SYNONYMS[kind])
-    if "counted" in fields:
-        words = fields["counted"].split()
-        if words[-1] == COUNTED_ALL:
-            words[-1] = rng.choice(SYNONYMS["things"])
-        fields["counted"] = " ".join(words)
-    template = rng.choice(PARAPHRASE_TEMPLATES[form])
-    fill = {name: rng.choice(SYNONYMS[name]) for name in ("colour", "form", "thing")}
-    return template.format(**fields, **fill)
+    return _rewrite(form, fields, rng, PARAPHRASE_TEMPLATES, _PARAPHRASE_WORDS, _PARAPHRASE_SLOTS)
 
 
 def reword(question: str, rng: random.Random) -> str:
@@ -349,23 +379,10 @@ def vary(question: str, rng: random.Random) -> str:
     form, same answer, never a word a paraphrase uses, and never `question` itself (drawn again
     until it differs). A relation may be asked the other way round, as in `reword`."""
     form, fields = parse_question(question)
-    while (varied := _vary(form, dict(fields), rng)) == question:
-        pass
-    return varied
-
-
-def _vary(form: str, fields: dict[str, str], rng: random.Random) -> str:
-    if "relation" in fields:
-        direction = _DIRECTION[fields["relation"]]
-        fields["relation"] = rng.choice(TRAINING_SYNONYMS[direction])
-        fields["inverse"] = rng.choice(TRAINING_SYNONYMS[_INVERSE[direction]])
-    if "attribute" in fields:
-        fields["attribute"] = rng.choice(TRAINING_SYNONYMS[fields["attribute"]])
-    if "counted" in fields:
-        words = fields["counted"].split()
-        if words[-1] == COUNTED_ALL:
-            words[-1] = rng.choice(TRAINING_SYNONYMS[COUNTED_ALL])
-        fields["counted"] = " ".join(words)
-    template = rng.choice(VARIED_TEMPLATES[form])
-    fill = {name: rng.choice(TRAINING_SYNONYMS[name]) for name in ("color", "shape", "object")}
-    return template.format(**fields, **fill)
+    slots = {word: word for word in ("color", "shape", "object")}
+    while True:
+        varied = _rewrite(
+            form, dict(fields), rng, VARIED_TEMPLATES, TRAINING_SYNONYMS, slots, inverse=True
+        )
+        if varied != question:
+            return varied
