@@ -298,6 +298,39 @@ def test_unseen_words_are_the_most_frequent_vocabulary_words_no_training_questio
         question_noise.unseen_words(vocab, [], 0)
 
 
+def test_unseen_words_leave_out_words_whose_vectors_lie_near_a_training_word():
+    vocab = Vocabulary(["what", "color", "is", "the", "hue", "zebra", "tint", "nocode"])
+    vectors = WordVectors(
+        ["what", "color", "is", "the", "hue", "zebra", "tint"],
+        np.array(
+            [
+                [1, 0, 0, 0],
+                [0, 1, 0, 0],
+                [0, 0, 1, 0],
+                [0, 0, 0, 1],
+                [0, 3, 0, 1],
+                [-1, 0, -1, -1],
+                [0, 1, 1, 0],
+            ],
+            dtype=np.float32,
+        ),
+        origin="hand-made",
+    )
+    questions = ["what color is the circle?"]
+    every = question_noise.unseen_words(vocab, questions, 10)
+    assert [vocab.itos[i] for i in every] == ["hue", "zebra", "tint", "nocode"]
+    # hue: cosine 0.95 with color; tint: 0.71 with color and with is; zebra: at most 0;
+    # nocode has no vector, so nothing says it means a training word
+    far = question_noise.unseen_words(vocab, questions, 10, vectors, max_similarity=0.9)
+    assert [vocab.itos[i] for i in far] == ["zebra", "tint", "nocode"]
+    farther = question_noise.unseen_words(vocab, questions, 2, vectors, max_similarity=0.5)
+    assert [vocab.itos[i] for i in farther] == ["zebra", "nocode"]
+    with pytest.raises(ValueError, match="needs the word vectors"):
+        question_noise.unseen_words(vocab, questions, 2, max_similarity=0.5)
+    with pytest.raises(ValueError, match=r"must be in \(-1, 1\], got 1.5"):
+        question_noise.unseen_words(vocab, questions, 2, vectors, max_similarity=1.5)
+
+
 def test_noisy_questions_keep_every_word_they_do_not_swap_and_never_pad_inside():
     questions = torch.randint(4, 40, (400, 9))
     lengths = torch.randint(1, 10, (400,))
@@ -339,9 +372,15 @@ def test_swapped_and_inserted_words_train_and_need_word_vectors(shapes, tmp_path
     argv = ["--data", str(shapes), "--out", str(out), "--epochs", "1", *VECTORS_TINY]
     vectors = ["--word-vectors", "glove-6b-50d", "--vector-words", "300"]
     noise = ["--swap-words", "0.3", "--insert-words", "0.5", "--noise-words", "50"]
-    _run([*argv, *vectors, *noise, "--val-split", "none"])
+    near = ["--noise-max-similarity", "0.8"]
+    _run([*argv, *vectors, *noise, *near, "--val-split", "none"])
     args = json.loads((out / "best" / "training.json").read_text())["args"]
     assert (args["swap_words"], args["insert_words"], args["noise_words"]) == (0.3, 0.5, 50)
+    assert args["noise_max_similarity"] == 0.8
+    with pytest.raises(ValueError, match="--noise-max-similarity limits the words of"):
+        _run([*argv, *vectors, *near])
+    with pytest.raises(ValueError, match=r"--noise-max-similarity must be in \(-1, 1\], got 2.0"):
+        _run([*argv, *vectors, *noise, "--noise-max-similarity", "2"])
     with pytest.raises(ValueError, match="--swap-words and --insert-words need --word-vectors"):
         _run([*argv, *noise])
     with pytest.raises(ValueError, match=r"--insert-words must be in \[0, 1\), got 1.0"):

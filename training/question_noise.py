@@ -10,16 +10,22 @@ question uses (`unseen_words`), as SwitchOut (Wang et al., 2018) swaps words for
 vocabulary words. Inserting adds words and takes none away, so the answer still holds; a swap
 may hide the word that decides it, so it is drawn per question, not per word. Every draw comes
 from (seed, step): a resumed run, and every rank of a distributed one, draws the same.
+
+A word shown as noise is a word the model learns to pass over. The most frequent words include
+the ones people reword with ("number" for "how many", "does" for "is", "higher" for "above"), so
+`max_similarity` keeps out of the pool every word whose vector lies that close (cosine) to the
+vector of a word the training questions use: those likely mean what that word means.
 """
 
 from __future__ import annotations
 
 import random
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
 import torch
 
 from captioner.vocab import Vocabulary, tokenize
+from captioner.word_vectors import WordVectors
 
 __all__ = ["drop_words", "noisy_questions", "unseen_words"]
 
@@ -41,10 +47,17 @@ def drop_words(questions: torch.Tensor, p: float, seed: int, step: int) -> torch
     return questions.masked_fill(dropped, Vocabulary.unk_id)
 
 
-def unseen_words(vocab: Vocabulary, questions: Iterable[str], n: int) -> torch.Tensor:
+def unseen_words(
+    vocab: Vocabulary,
+    questions: Iterable[str],
+    n: int,
+    vectors: WordVectors | None = None,
+    max_similarity: float | None = None,
+) -> torch.Tensor:
     """The ids of the first `n` words of `vocab` (after the special tokens; a vocabulary extended
     with word vectors lists them most frequent first) that are alphabetic and that none of
-    `questions` uses."""
+    `questions` uses; with `max_similarity`, also none whose vector in `vectors` has a cosine
+    similarity of `max_similarity` or more with the vector of a word `questions` use."""
     if n < 1:
         raise ValueError(f"the number of unseen words must be >= 1, got {n}")
     used = {token for q in questions for token in tokenize(q)}
@@ -52,8 +65,28 @@ def unseen_words(vocab: Vocabulary, questions: Iterable[str], n: int) -> torch.T
         i
         for i, word in enumerate(vocab.itos)
         if i > Vocabulary.unk_id and word.isalpha() and word not in used
-    ][:n]
-    return torch.tensor(ids, dtype=torch.long)
+    ]
+    if max_similarity is not None:
+        if vectors is None:
+            raise ValueError("max_similarity needs the word vectors")
+        if not -1 < max_similarity <= 1:
+            raise ValueError(f"max_similarity must be in (-1, 1], got {max_similarity}")
+        near = _nearest(vectors, [vocab.itos[i] for i in ids], sorted(used))
+        ids = [i for i, similarity in zip(ids, near.tolist()) if similarity < max_similarity]
+    return torch.tensor(ids[:n], dtype=torch.long)
+
+
+def _nearest(vectors: WordVectors, words: Sequence[str], others: Sequence[str]) -> torch.Tensor:
+    """Per word of `words`, the highest cosine similarity of its vector with the vector of one of
+    `others` (-1 where either side has none)."""
+    table, found = vectors.rows([*others, *words])
+    has_vector = torch.tensor(found, dtype=torch.bool)
+    table = torch.nn.functional.normalize(table, dim=1)
+    k = len(others)
+    reference = table[:k][has_vector[:k]]
+    if len(reference) == 0:
+        return torch.full((len(words),), -1.0)
+    return (table[k:] @ reference.T).amax(1).masked_fill(~has_vector[k:], -1.0)
 
 
 def noisy_questions(

@@ -23,7 +23,9 @@ word no training question used ("what hue is the ball?") reads as its own vector
 
 `--swap-words P` and `--insert-words P` then show the model such words in training: a question
 gets one of its words swapped for, or a few more words drawn from, the `--noise-words` most
-frequent vector words that no training question uses (`training.question_noise`).
+frequent vector words that no training question uses (`training.question_noise`);
+`--noise-max-similarity S` leaves out those whose vector lies within cosine S of a training
+question word's, as likely meaning the same.
 """
 
 from __future__ import annotations
@@ -165,6 +167,15 @@ def get_args_parser() -> argparse.ArgumentParser:
         help="--swap-words and --insert-words draw from the N most frequent vector words of the "
         f"vocabulary that no training question uses (default {NOISE_WORDS})",
     )
+    data.add_argument(
+        "--noise-max-similarity",
+        type=float,
+        default=None,
+        metavar="S",
+        help="leave out of those words every one whose vector has a cosine similarity of S or "
+        "more with the vector of a word the training questions use: such a word likely means "
+        "the same, and noise teaches the model to pass over it (default: no such limit)",
+    )
     return p
 
 
@@ -263,6 +274,16 @@ class VQATask(loop.Task):
             )
         if args.noise_words < 1:
             raise ValueError(f"--noise-words must be >= 1, got {args.noise_words}")
+        if args.noise_max_similarity is not None:
+            if not (args.swap_words or args.insert_words):
+                raise ValueError(
+                    "--noise-max-similarity limits the words of --swap-words/--insert-words; "
+                    "give one of them"
+                )
+            if not -1 < args.noise_max_similarity <= 1:
+                raise ValueError(
+                    f"--noise-max-similarity must be in (-1, 1], got {args.noise_max_similarity}"
+                )
         super().__init__(args, d, show)
         self.root = Path(args.data)
         self.train_split = load_split(self.root, args.train_split)
@@ -301,7 +322,9 @@ class VQATask(loop.Task):
         self.noise_pool = None
         if args.swap_words or args.insert_words:
             questions = (item.question for item in self.train_split.items)
-            self.noise_pool = unseen_words(self.vocab, questions, args.noise_words)
+            self.noise_pool = unseen_words(
+                self.vocab, questions, args.noise_words, vectors, args.noise_max_similarity
+            )
             if len(self.noise_pool) == 0:
                 raise ValueError(
                     "--swap-words/--insert-words: every word of the vocabulary is in a training "
