@@ -155,14 +155,16 @@ def test_parse_question_reads_the_fields_and_refuses_other_questions():
 def test_the_demo_vqa_model_knows_the_new_words_from_its_vectors_not_its_training():
     folder = ROOT / "models" / "shapes-vqa"
     words = json.loads((folder / "question_vocab.json").read_text())["words"]
-    # Its training questions were generated with QUESTION_WORDS only: the vocabulary starts with
-    # them (in training order), then holds GloVe's most frequent words, the new ones among them
-    # (all but the rarer ones, past GloVe's 50,000th word).
+    # Its training questions (make_shapes --vary-train) use QUESTION_WORDS and the training-side
+    # words only: the vocabulary starts with them (in training order), then holds GloVe's most
+    # frequent words, the paraphrases' new words among them.
     trained = json.loads((folder / "training.json").read_text())
+    assert "--vary-train" in trained["data_command"]
     added = trained["word_vectors"]["rows_from_vectors"]
-    assert set(words[: len(QUESTION_WORDS)]) == QUESTION_WORDS
+    training_words = QUESTION_WORDS | _training_words()
+    assert set(words[: len(training_words)]) == training_words
     assert len(words) >= added
-    assert not _new_words() & QUESTION_WORDS
+    assert not _new_words() & training_words
     assert _new_words() <= set(words)
 
 
