@@ -173,8 +173,9 @@ def get_args_parser() -> argparse.ArgumentParser:
         default=None,
         metavar="S",
         help="leave out of those words every one whose vector has a cosine similarity of S or "
-        "more with the vector of a word the training questions use: such a word likely means "
-        "the same, and noise teaches the model to pass over it (default: no such limit)",
+        "more with the vector of a word the training questions use (the next most frequent take "
+        "their places): such a word likely means the same, and noise teaches the model to pass "
+        "over it (default: no such limit)",
     )
     return p
 
