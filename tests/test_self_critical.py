@@ -8,7 +8,13 @@ import torch
 import torch.nn.functional as F
 
 from captioner import Captioner
-from captioner.caption.self_critical import SelfCritical, caption_words, sample_captions
+from captioner.caption.search import beam_search
+from captioner.caption.self_critical import (
+    SelfCritical,
+    beam_candidates,
+    caption_words,
+    sample_captions,
+)
 from captioner.data.shapes import generate_split
 from captioner.evaluation.cider import CiderD
 from captioner.vocab import Vocabulary
@@ -80,6 +86,67 @@ def test_the_mean_baseline_is_the_other_samples_reward_and_bad_options_are_refus
         SelfCritical(net, cider, baseline="best")
 
 
+def test_given_captions_get_the_log_probabilities_of_the_teacher_forced_decoder():
+    vocab = Vocabulary.build(TINY_CAPTIONS)
+    net = tiny_model(len(vocab), seed=4).eval()
+    features = torch.randn(3, 16, net.decoder.config.feature_dim)
+    captions = [vocab.encode(c) for c in TINY_CAPTIONS[:3]]  # <start> words <end>
+    width = max(map(len, captions))
+    padded = torch.tensor([c + [0] * (width - len(c)) for c in captions])
+    given = torch.tensor([c[1:] + [Vocabulary.end_id] * (width - len(c)) for c in captions])
+    words, logps, mask = sample_captions(net, features, 20, given)
+    assert torch.equal(words, given)
+    assert mask.sum(1).tolist() == [len(c) - 1 for c in captions]  # the words and <end>
+    logits, _, _ = net.decoder(features, padded)
+    logits[..., [Vocabulary.pad_id, START]] = float("-inf")
+    forced = F.log_softmax(logits, dim=-1).gather(2, padded[:, 1:, None]).squeeze(2)
+    assert torch.allclose(logps[mask.bool()], forced[mask.bool()], atol=1e-5)
+
+
+def test_beam_candidates_are_the_beam_searchs_best_captions():
+    vocab = Vocabulary.build(TINY_CAPTIONS)
+    net = tiny_model(len(vocab), seed=5).train()
+    features = torch.randn(2, 16, net.decoder.config.feature_dim)
+    rows = beam_candidates(net, features, 3, 6)
+    assert net.training  # the search ran in eval mode and the mode came back
+    net.eval()
+    found = beam_search(net.decoder, features, 3, 6, n_best=3)
+    for b, image in enumerate(found):
+        for j, h in enumerate(image):
+            row = rows[b * 3 + j].tolist()
+            assert caption_words(row) == h.tokens
+            assert (Vocabulary.end_id in row) == h.finished
+
+
+@pytest.mark.parametrize("better", [0, 1])
+def test_with_beam_candidates_the_better_caption_is_made_likelier_than_the_other(better):
+    vocab = Vocabulary.build(TINY_CAPTIONS)
+    net = tiny_model(len(vocab), seed=8).train()  # two captions cut at 8 words, not alike
+    features = torch.randn(1, 16, net.decoder.config.feature_dim)
+    rows = beam_candidates(net, features, 2, 8)
+    found = [caption_words(r) for r in rows.tolist()]
+    assert found[0] != found[1]
+    reference = found[better]
+    others = {i + 1: [vocab.encode(c, add_special=False)] for i, c in enumerate(TINY_CAPTIONS)}
+    cider = CiderD({0: [reference]}, document_frequency_from={0: [reference], **others})
+    objective = SelfCritical(net, cider, samples=2, baseline="mean", max_length=8, search="beam")
+    steps = [r.tolist()[: len(w) + 1] for r, w in zip(rows, found)]  # with <end> when finished
+    before = [_logprob(net, features, s) for s in steps]
+    loss, stats = objective(features, [0])
+    assert stats["reward"] == pytest.approx(stats["baseline"])  # the mean of the two
+    assert cider.score(0, found[better]) > cider.score(0, found[1 - better])
+    loss.backward()
+    with torch.no_grad():
+        for p in net.parameters():
+            if p.grad is not None:
+                p -= 0.05 * p.grad
+    after = [_logprob(net, features, s) for s in steps]
+    other = 1 - better
+    assert after[better] - after[other] > before[better] - before[other], (before, after)
+    with pytest.raises(ValueError, match="search must be one of"):
+        SelfCritical(net, cider, search="greedy")
+
+
 TINY = ["--input-size", "32", "--encoder-width", "4", "--embed-dim", "16", "--hidden-dim", "24"]
 TINY += ["--attention-dim", "12", "--warmup-steps", "2", "--no-progress", "--device", "cpu"]
 
@@ -100,9 +167,13 @@ def _scst(argv):
     return train_captioner.main(train_captioner.get_args_parser().parse_args(argv), argv)
 
 
-def test_scst_runs_from_a_model_folder_and_resumes_as_an_uninterrupted_run(trained, tmp_path):
+@pytest.mark.parametrize("search", ["sample", "beam"])
+def test_scst_runs_from_a_model_folder_and_resumes_as_an_uninterrupted_run(
+    trained, tmp_path, search
+):
     common = ["--data", str(trained), "--scst-from", str(trained / "xe" / "best"), "--epochs", "2"]
     common += ["--batch-size", "6", "--scst-samples", "2", "--no-progress", "--device", "cpu"]
+    common += ["--scst-search", search]
     common += ["--scst-xe-weight", "0.5", "--warmup-steps", "1"]
     straight = _scst([*common, "--out", str(tmp_path / "a")])
     assert straight["step"] == 8  # 24 images, 6 per step, 2 epochs

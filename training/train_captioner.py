@@ -36,7 +36,7 @@ import torch
 from captioner.caption.caption_net import CaptionNet
 from captioner.caption.captioner import Captioner
 from captioner.caption.decoder import HARD_INFERENCE
-from captioner.caption.self_critical import BASELINES, SelfCritical
+from captioner.caption.self_critical import BASELINES, SEARCHES, SelfCritical
 from captioner.data.caption_data import (
     CaptionSet,
     drop_unreadable,
@@ -182,7 +182,16 @@ def get_args_parser() -> argparse.ArgumentParser:
         help="a captioner model folder to continue with self-critical training (the network "
         "and vocabulary are that folder's; the model arguments above are ignored)",
     )
-    scst.add_argument("--scst-samples", type=int, default=5, help="captions sampled per image")
+    scst.add_argument(
+        "--scst-samples", type=int, default=5, help="captions sampled (or beam-searched) per image"
+    )
+    scst.add_argument(
+        "--scst-search",
+        choices=SEARCHES,
+        default="sample",
+        help="sample: captions drawn from the model (the paper); beam: the --scst-samples best "
+        "of a beam search that wide (Cornia et al. 2020), scored by their log-probabilities",
+    )
     scst.add_argument(
         "--scst-baseline",
         choices=BASELINES,
@@ -394,6 +403,7 @@ class CaptionTask(loop.Task):
             baseline=args.scst_baseline,
             max_length=args.scst_max_length,
             xe_weight=args.scst_xe_weight,
+            search=args.scst_search,
         )
 
     def loss(self, net, inputs, payload, step: int, total_steps: int) -> torch.Tensor:
