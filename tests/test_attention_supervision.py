@@ -75,6 +75,39 @@ def test_count_words_target_every_object_their_phrase_names():
     assert not (words & targets).any()
 
 
+def test_each_copy_targets_give_each_counted_object_its_own_bit():
+    twins = [SCENE[0], SCENE[1], _object("red", "circle", slice(0, 2), slice(2, 4))]
+    tokens = tokenize("two red circles and a blue square")
+    copies = count_targets(tokens, twins, (2, 2), each_copy=True)
+    assert copies.dtype == np.uint8
+    assert copies[0].tolist() == [1, 2, 0, 0]  # "two": the first circle bit 0, the second bit 1
+    assert copies[4].tolist() == [0, 0, 1, 1]  # "a": one square, bit 0
+    assert ((copies != 0) == count_targets(tokens, twins, (2, 2))).all()
+    both = attention_targets(tokens, twins, (2, 2), counts=True, each_copy=True)
+    assert both.dtype == np.uint8 and both[2].tolist() == [1, 1, 0, 0]  # "circles": plain cells
+    assert ((both != 0) == attention_targets(tokens, twins, (2, 2), counts=True)).all()
+
+
+def test_each_copy_loss_asks_for_attention_on_every_copy():
+    targets = torch.tensor([[[1, 2, 0, 0], [0, 0, 1, 1]]], dtype=torch.uint8)  # two words, 4 cells
+    one_copy = torch.tensor([[[0.97, 0.01, 0.01, 0.01], [0.1, 0.1, 0.4, 0.4]]])
+    split = torch.tensor([[[0.49, 0.49, 0.01, 0.01], [0.1, 0.1, 0.4, 0.4]]])
+    for alphas in (one_copy, split):  # the mean over copies of minus the log of each copy's mass
+        copies = -(alphas[0, 0, 0].log() + alphas[0, 0, 1].log()) / 2
+        expected = (copies - alphas[0, 1, 2:].sum().log()) / 2
+        assert float(supervised_attention_loss(alphas, targets)) == pytest.approx(float(expected))
+    assert supervised_attention_loss(split, targets) < supervised_attention_loss(one_copy, targets)
+    plain = targets != 0  # the bool loss only asks for the mass on any copy: it prefers neither
+    assert float(supervised_attention_loss(one_copy, plain)) == pytest.approx(
+        float(supervised_attention_loss(split, plain))
+    )
+    ones = torch.tensor([[[1, 1, 0, 0], [0, 0, 1, 1]]], dtype=torch.uint8)  # 0/1: the bool figure
+    assert float(supervised_attention_loss(split, ones)) == pytest.approx(
+        float(supervised_attention_loss(split, ones.bool()))
+    )
+    assert supervised_attention_loss(split, torch.zeros_like(targets)) == 0.0
+
+
 def test_the_loss_draws_attention_onto_the_target_cells_and_ignores_free_words():
     vocab = Vocabulary.build(TINY_CAPTIONS)
     net = tiny_model(len(vocab), seed=2)
@@ -143,6 +176,9 @@ def test_count_targets_draw_the_count_words_attention_onto_their_objects(shapes,
     _run([*common, "--out", str(tmp_path / "words")])
     _run([*common, "--out", str(tmp_path / "counts"), "--supervise-counts"])
     assert json.loads((tmp_path / "counts" / "args.json").read_text())["supervise_counts"]
+    each = [*common, "--out", str(tmp_path / "copies"), "--supervise-counts", "--count-each-copy"]
+    _run([*each, "--epochs", "1"])
+    assert json.loads((tmp_path / "copies" / "args.json").read_text())["count_each_copy"]
     counted = _named_mass(tmp_path / "counts" / "last", shapes, counts=True)
     free = _named_mass(tmp_path / "words" / "last", shapes, counts=True)
     assert counted > 1.5 * free, (counted, free)
@@ -185,6 +221,8 @@ def test_supervised_attention_refuses_what_it_cannot_do(shapes, tmp_path):
         _run([*base, "--supervise-attention", "1", "--no-attention"])
     with pytest.raises(ValueError, match="--supervise-counts needs --supervise-attention"):
         _run([*base, "--supervise-counts"])
+    with pytest.raises(ValueError, match="--count-each-copy needs --supervise-counts"):
+        _run([*base, "--supervise-attention", "1", "--count-each-copy"])
     with pytest.raises(ValueError, match="not with --scst-from"):
         _run([*base, "--supervise-attention", "1", "--scst-from", str(tmp_path / "model")])
     bare = tmp_path / "bare"

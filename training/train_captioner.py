@@ -141,6 +141,13 @@ def get_args_parser() -> argparse.ArgumentParser:
         "with --attention-mass, which lets the step see how many cells it looks at)",
     )
     model.add_argument(
+        "--count-each-copy",
+        action="store_true",
+        help="with --supervise-counts: a count word's term is the mean over the copies it "
+        "counts of minus the log of the attention on that copy, so that attention on one copy "
+        "alone no longer meets it",
+    )
+    model.add_argument(
         "--hard-attention",
         action="store_true",
         help="hard (stochastic) attention, Show, Attend and Tell 4.1: one sampled cell per word "
@@ -248,18 +255,20 @@ def caption_attention_targets(
     grid_hw: tuple[int, int],
     source: str | Path = "the objects",
     counts: bool = False,
+    each_copy: bool = False,
 ) -> torch.Tensor:
     """(captions, T-1, cells) bool: for caption k (word ids `<start> ... <end> <pad>...`, about
     image `image_ids[k]`), the cells each predicted word should attend (`attention_targets`, with
-    `counts` the count words' too); `source` names the objects in the
-    error for an image they lack."""
+    `counts` the count words' too, and with `each_copy` as uint8 bit sets, one bit per copy);
+    `source` names the objects in the error for an image they lack."""
     ids = caption_ids[:, 1:]
-    out = torch.zeros(*ids.shape, grid_hw[0] * grid_hw[1], dtype=torch.bool)
+    dtype = torch.uint8 if counts and each_copy else torch.bool
+    out = torch.zeros(*ids.shape, grid_hw[0] * grid_hw[1], dtype=dtype)
     for k, image_id in enumerate(image_ids):
         if image_id not in objects:
             raise ValueError(f"image {image_id} has no objects in {source}")
         words = vocab.decode_tokens(ids[k].tolist())
-        targets = attention_targets(words, objects[image_id], grid_hw, counts)
+        targets = attention_targets(words, objects[image_id], grid_hw, counts, each_copy)
         out[k, : len(words)] = torch.from_numpy(targets)
     return out
 
@@ -279,6 +288,8 @@ class CaptionTask(loop.Task):
             )
         if args.supervise_counts and not args.supervise_attention > 0:
             raise ValueError("--supervise-counts needs --supervise-attention WEIGHT > 0")
+        if args.count_each_copy and not args.supervise_counts:
+            raise ValueError("--count-each-copy needs --supervise-counts")
         if args.supervise_attention > 0 and args.no_attention:
             raise ValueError("--supervise-attention needs attention: not with --no-attention")
         self.train_set, self.val_set, objects_file = load_splits(args)
@@ -358,6 +369,7 @@ class CaptionTask(loop.Task):
                 self.grid_hw,
                 args.train_objects,
                 counts=args.supervise_counts,
+                each_copy=args.count_each_copy,
             )
         if args.scst_from:  # rewards against each image's references, idf from all of them
             refs = {

@@ -92,9 +92,21 @@ def supervised_attention_loss(alphas: torch.Tensor, targets: torch.Tensor) -> to
     """Attention correctness (Liu et al., 2017, "Attention Correctness in Neural Image
     Captioning"): minus the log of the attention mass on the cells of the object a word names,
     averaged over the words that name one. alphas (B, T, L); targets (B, T, L) bool, a row of
-    False for the words that name nothing (those steps are left free)."""
-    named = targets.any(dim=2)  # (B, T)
+    False for the words that name nothing (those steps are left free).
+
+    Targets may also be uint8 bit sets (`count_targets(each_copy=True)`): a word's term is then
+    the mean, over the bits set in its row, of minus the log of the mass on that bit's cells, so
+    a count word is asked to look at each copy it counts, not at any one of them. A row of 0s and
+    1s gives the bool figure."""
+    named = targets.any(dim=2) if targets.dtype == torch.bool else targets.ne(0).any(dim=2)
     if not bool(named.any()):
         return alphas.new_zeros(())
-    mass = (alphas * targets.to(alphas.dtype)).sum(dim=2)[named]
-    return -mass.clamp_min(1e-6).log().mean()
+    if targets.dtype == torch.bool:
+        mass = (alphas * targets.to(alphas.dtype)).sum(dim=2)[named]
+        return -mass.clamp_min(1e-6).log().mean()
+    bits = torch.arange(8, device=targets.device, dtype=targets.dtype)
+    sets = ((targets[named].unsqueeze(-1) >> bits) & 1).to(alphas.dtype)  # (N, L, 8)
+    mass = torch.einsum("nl,nlc->nc", alphas[named], sets)  # (N, 8)
+    present = sets.amax(dim=1)  # (N, 8): the bits a row uses
+    per_word = -(mass.clamp_min(1e-6).log() * present).sum(1) / present.sum(1)
+    return per_word.mean()

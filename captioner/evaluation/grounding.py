@@ -103,21 +103,23 @@ def attention_targets(
     objects: Sequence[Mapping[str, Any]],
     grid_hw: tuple[int, int],
     counts: bool = False,
+    each_copy: bool = False,
 ) -> np.ndarray:
     """(len(tokens), h * w) bool: for each colour or shape word, the grid cells that `grounding`
     counts as right (those overlapping an object with that colour or shape); no cell for the
     other words, or for a word no object of the scene matches. With `counts`, the count words'
-    cells too (`count_targets`), from the same decoded masks."""
+    cells too (`count_targets`, `each_copy` as there: then uint8, 1 for a word's cells), from the
+    same decoded masks."""
     h, w = grid_hw
     overlaps = object_cells(objects, grid_hw)
     cells = word_cells(objects, grid_hw, None, overlaps)
-    out = np.zeros((len(tokens), h * w), dtype=bool)
+    out = np.zeros((len(tokens), h * w), dtype=np.uint8 if counts and each_copy else bool)
     for t, token in enumerate(tokens):
         key = word_key(token)
         if key is not None and key in cells:
             out[t] = cells[key].reshape(-1)
     if counts:
-        out |= _count_rows(tokens, objects, overlaps, grid_hw)
+        out |= _count_rows(tokens, objects, overlaps, grid_hw, each_copy)
     return out
 
 
@@ -125,14 +127,19 @@ def count_targets(
     tokens: Sequence[str],
     objects: Sequence[Mapping[str, Any]],
     grid_hw: tuple[int, int],
+    each_copy: bool = False,
 ) -> np.ndarray:
     """(len(tokens), h * w) bool: for each count word ("a", "two", "pair": `COUNT_WORDS`), the
     grid cells of every object its phrase names, the phrase running to the next count word: the
     objects with the size, colour and shape it states ("two small red circles", "three squares in
     blue": those it leaves out match any). No cell for a count word whose phrase names no colour
     or shape ("a picture of ..."), for one no object matches, or for the other words. The step
-    that writes a count then looks at every copy it counts."""
-    return _count_rows(tokens, objects, object_cells(objects, grid_hw), grid_hw)
+    that writes a count then looks at every copy it counts.
+
+    With `each_copy`, uint8 bit sets instead: bit c of a cell is set when it belongs to the
+    phrase's c-th object (in the scene's order, up to 8), so that a loss can ask for attention
+    on each copy (`supervised_attention_loss`) rather than on any of them."""
+    return _count_rows(tokens, objects, object_cells(objects, grid_hw), grid_hw, each_copy)
 
 
 def _count_rows(
@@ -140,10 +147,11 @@ def _count_rows(
     objects: Sequence[Mapping[str, Any]],
     overlaps: Sequence[np.ndarray],
     grid_hw: tuple[int, int],
+    each_copy: bool = False,
 ) -> np.ndarray:
     """`count_targets` from each object's cells (`object_cells`)."""
     cells = [o.reshape(-1) for o in overlaps]
-    out = np.zeros((len(tokens), grid_hw[0] * grid_hw[1]), dtype=bool)
+    out = np.zeros((len(tokens), grid_hw[0] * grid_hw[1]), dtype=np.uint8 if each_copy else bool)
     starts = [t for t, token in enumerate(tokens) if token in COUNT_WORDS]
     for start, end in zip(starts, [*starts[1:], len(tokens)]):
         phrase = tokens[start + 1 : end]
@@ -151,9 +159,13 @@ def _count_rows(
         if not named:
             continue
         named.update(("size", SIZE_WORDS[t]) for t in phrase if t in SIZE_WORDS)
-        for obj, overlap in zip(objects, cells, strict=True):
-            if all(obj[kind] == value for kind, value in named.items()):
-                out[start] |= overlap
+        copies = [
+            overlap
+            for obj, overlap in zip(objects, cells, strict=True)
+            if all(obj[kind] == value for kind, value in named.items())
+        ]
+        for c, overlap in enumerate(copies[:8]):
+            out[start] |= (overlap.astype(np.uint8) << c) if each_copy else overlap
     return out
 
 
