@@ -86,6 +86,8 @@ def test_each_copy_targets_give_each_counted_object_its_own_bit():
     both = attention_targets(tokens, twins, (2, 2), counts=True, each_copy=True)
     assert both.dtype == np.uint8 and both[2].tolist() == [1, 1, 0, 0]  # "circles": plain cells
     assert ((both != 0) == attention_targets(tokens, twins, (2, 2), counts=True)).all()
+    many = count_targets(tokenize("three red circles"), [SCENE[0]] * 9, (2, 2), each_copy=True)
+    assert many[0].tolist() == [255, 0, 0, 0]  # copies 8 and 9 share the last bit
 
 
 def test_each_copy_loss_asks_for_attention_on_every_copy():

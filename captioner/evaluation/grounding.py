@@ -137,8 +137,8 @@ def count_targets(
     that writes a count then looks at every copy it counts.
 
     With `each_copy`, uint8 bit sets instead: bit c of a cell is set when it belongs to the
-    phrase's c-th object (in the scene's order, up to 8), so that a loss can ask for attention
-    on each copy (`supervised_attention_loss`) rather than on any of them."""
+    phrase's c-th object (in the scene's order; from the 8th on, bit 7), so that a loss can ask
+    for attention on each copy (`supervised_attention_loss`) rather than on any of them."""
     return _count_rows(tokens, objects, object_cells(objects, grid_hw), grid_hw, each_copy)
 
 
@@ -164,8 +164,8 @@ def _count_rows(
             for obj, overlap in zip(objects, cells, strict=True)
             if all(obj[kind] == value for kind, value in named.items())
         ]
-        for c, overlap in enumerate(copies[:8]):
-            out[start] |= (overlap.astype(np.uint8) << c) if each_copy else overlap
+        for c, overlap in enumerate(copies):  # from the 8th copy on, they share the last bit
+            out[start] |= (overlap.astype(np.uint8) << min(c, 7)) if each_copy else overlap
     return out
 
 
