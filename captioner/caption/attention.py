@@ -98,7 +98,7 @@ def supervised_attention_loss(alphas: torch.Tensor, targets: torch.Tensor) -> to
     the mean, over the bits set in its row, of minus the log of the mass on that bit's cells, so
     a count word is asked to look at each copy it counts, not at any one of them. A row of 0s and
     1s gives the bool figure."""
-    named = targets.any(dim=2) if targets.dtype == torch.bool else targets.ne(0).any(dim=2)
+    named = targets.ne(0).any(dim=2)  # (B, T), bool or bit-set targets alike
     if not bool(named.any()):
         return alphas.new_zeros(())
     if targets.dtype == torch.bool:

@@ -23,6 +23,7 @@ from contextlib import contextmanager
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.utils.rnn import pad_sequence
 
 from captioner.caption.caption_net import CaptionNet
 from captioner.caption.search import beam_search, greedy
@@ -95,12 +96,8 @@ def beam_candidates(
     rows = []
     for image in found:
         image = image + image[-1:] * (k - len(image))  # fewer than k finished: repeat the last
-        rows += [h.tokens + [END] if h.finished else h.tokens for h in image]
-    width = max(len(r) for r in rows)
-    out = torch.full((len(rows), width), END, dtype=torch.long)
-    for i, r in enumerate(rows):
-        out[i, : len(r)] = torch.tensor(r, dtype=torch.long)
-    return out.to(features.device)
+        rows += [torch.tensor(h.tokens + [END] if h.finished else h.tokens) for h in image]
+    return pad_sequence(rows, batch_first=True, padding_value=END).to(features.device)
 
 
 def caption_words(row: Sequence[int]) -> list[int]:
