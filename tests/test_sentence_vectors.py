@@ -109,20 +109,6 @@ def test_the_script_writes_a_file_that_word_vectors_reads(tmp_path, capsys):
     assert cosine(hue, color) > cosine(hue, vectors.get("left"))
 
 
-def test_appended_vectors_follow_the_components(tmp_path):
-    words = _word_list(tmp_path / "words.txt", WORDS)  # each word's vector: 0.1 0.2
-    out = tmp_path / "both.txt"
-    args, argv = _args(out=out, words=words, count=6, dims=4, append=words)
-    assert sentence_vectors.main(args, argv)["width"] == 6
-    vectors = WordVectors.load(out)
-    assert vectors.dim == 6 and vectors.words == WORDS[:6]
-    np.testing.assert_allclose(vectors.vectors[:, 4:], [[0.1, 0.2]] * 6)
-    alone = WordVectors.load(
-        sentence_vectors.main(*_args(out=tmp_path / "a.txt", words=words, count=6, dims=4))["out"]
-    )
-    np.testing.assert_allclose(vectors.vectors[:, :4], alone.vectors, atol=1e-5)
-
-
 def test_the_script_refuses_more_dims_than_words_and_writes_nothing(tmp_path):
     words = _word_list(tmp_path / "words.txt", WORDS)
     out = tmp_path / "minilm.txt"

@@ -22,8 +22,7 @@ the file keeps that order, so `--vector-words N` takes the N most frequent, as w
 vector is the encoder's sentence embedding of the word alone (mean of its token states, unit
 length). PCA (an exact SVD, each component signed so that its largest loading is positive, so the
 same words give the same file) keeps `--dims` components, and the values are scaled to a standard
-deviation of `--std`. `--append glove-6b-50d` puts each word's GloVe vector after them, so a
-model reads both kinds of neighbourhood. A model trained on the file keeps the rows it uses in its own weights, so
+deviation of `--std`. A model trained on the file keeps the rows it uses in its own weights, so
 serving it needs neither the file nor the encoder.
 """
 
@@ -68,13 +67,6 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--count", type=int, default=50_000, help="how many words (default 50,000)")
     p.add_argument("--dims", type=int, default=128, help="PCA components kept (default 128)")
     p.add_argument("--std", type=float, default=STD, help=f"spread of the values (default {STD})")
-    p.add_argument(
-        "--append",
-        default=None,
-        metavar="VECTORS",
-        help="after the components, each word's vector in VECTORS (a packaged source or a text "
-        "file; noise on their scale for a word they lack), so each row carries both",
-    )
     p.add_argument("--batch-size", type=int, default=512)
     p.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch's default)")
     return p
@@ -189,9 +181,6 @@ def main(args: argparse.Namespace, argv: list[str] | None = None) -> dict:
             f"{len(words)} words), got {args.dims}"
         )
     rows = principal_components(embed_words(encoder, words, args.batch_size), args.dims, args.std)
-    if args.append:
-        appended, _ = WordVectors.load(args.append).rows(words)
-        rows = np.concatenate([rows, appended.numpy()], axis=1)
     out.parent.mkdir(parents=True, exist_ok=True)
     write_text_atomic(out, glove_text(words, rows))
     record = {
@@ -201,8 +190,6 @@ def main(args: argparse.Namespace, argv: list[str] | None = None) -> dict:
         "count": len(words),
         "dims": args.dims,
         "std": args.std,
-        "appended": args.append,
-        "width": int(rows.shape[1]),
         "seconds": round(time.monotonic() - started, 1),
         "command": "python -m training.sentence_vectors "
         + shlex.join(argv if argv is not None else sys.argv[1:]),
