@@ -120,6 +120,22 @@ def test_the_script_refuses_more_dims_than_words_and_writes_nothing(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["minilm.txt", "words.txt"]
 
 
+@pytest.mark.parametrize(
+    ("option", "value", "message"),
+    [("count", 1, "--count must be >= 2"), ("std", 0, "--std must be > 0"), ("dims", 0, "--dims")],
+)
+def test_bad_values_are_refused_before_any_encoding(tmp_path, monkeypatch, option, value, message):
+    def no_encoder(name):
+        raise AssertionError("the encoder was loaded")
+
+    monkeypatch.setattr(sentence_vectors, "load_encoder", no_encoder)
+    args, argv = _args(out=tmp_path / "v.txt", words=_word_list(tmp_path / "w.txt", WORDS))
+    setattr(args, option, value)
+    with pytest.raises(ValueError, match=message):
+        sentence_vectors.main(args, argv)
+    assert not (tmp_path / "v.txt").exists()
+
+
 def test_an_unknown_encoder_is_refused_with_its_name(tmp_path):
     with pytest.raises(ValueError, match="sentence encoder .*no-such-encoder"):
         sentence_vectors.load_encoder(str(tmp_path / "no-such-encoder"))

