@@ -56,10 +56,11 @@ TRAINING_SYNONYMS, the generator's word among them):
   is what {shape}?", "what is the {shape} of the {attributes} {object}?", "of what {shape} is
   the {attributes} {object}?"; {shape}: shape, geometry, contour, silhouette; {object}: object,
   element, entity, symbol.
-- count: "how many {counted} are there?", "tell me how many {counted} there are?", "please tell
-  me how many {counted} there are?", "there are how many {counted}?", "of the {counted} how many
-  are there?", "how many are there of the {counted}?"; "objects" -> objects, elements, entities,
-  symbols.
+- count: "how many {counted} are there?", "tell me how many {counted} there are?", "what is the
+  {amount} of {counted}?", "there are how many {counted}?", "of the {counted} how many are
+  there?", "how many are there of the {counted}?"; "objects" -> objects, elements, entities,
+  symbols; {amount}: amount, quantity, tally (no generator word: it asks for a count without
+  "how many").
 - exist: "is there a {target}?", "tell me if there is a {target}?", "is there a {target} or
   not?", "is a {target} there?", "there is a {target}?", "is there a {target} there?".
 - relation: "is the {a} {relation} the {b}?", "tell me if the {a} is {relation} the {b}?", "tell
@@ -210,14 +211,15 @@ _INVERSE = {"left": "right", "right": "left", "above": "below", "below": "above"
 
 # Everyday words of the training side: what `make_shapes --vary-train` adds to a training split, so
 # that a model meets each meaning in more than one word and learns it as a region of the word
-# vectors, not one point. Each list starts with the generator's word. No word here (or in
-# VARIED_TEMPLATES) is one a paraphrase uses, so the paraphrased test split still asks in words no
-# training question uses.
+# vectors, not one point. Each list starts with the generator's word ("amount" has none). No word
+# here (or in VARIED_TEMPLATES) is one a paraphrase uses, so the paraphrased test split still asks
+# in words no training question uses.
 TRAINING_SYNONYMS: dict[str, tuple[str, ...]] = {
     "color": ("color", "tint", "coloring", "tone"),
     "shape": ("shape", "geometry", "contour", "silhouette"),
     "object": ("object", "element", "entity", "symbol"),
     "objects": ("objects", "elements", "entities", "symbols"),
+    "amount": ("amount", "quantity", "tally"),  # no generator word: a count without "how many"
     "left": ("to the left of", "west of"),
     "right": ("to the right of", "east of"),
     "above": ("above", "north of"),
@@ -237,7 +239,7 @@ _OWN_TEMPLATES: dict[str, tuple[str, ...]] = {
     "count": (
         "how many {counted} are there?",
         "tell me how many {counted} there are?",
-        "please tell me how many {counted} there are?",
+        "what is the {amount} of {counted}?",
     ),
     "exist": (
         "is there a {target}?",
@@ -379,7 +381,7 @@ def vary(question: str, rng: random.Random) -> str:
     form, same answer, never a word a paraphrase uses, and never `question` itself (drawn again
     until it differs). A relation may be asked the other way round, as in `reword`."""
     form, fields = parse_question(question)
-    slots = {word: word for word in ("color", "shape", "object")}
+    slots = {word: word for word in ("color", "shape", "object", "amount")}
     while True:
         varied = _rewrite(
             form, dict(fields), rng, VARIED_TEMPLATES, TRAINING_SYNONYMS, slots, inverse=True
