@@ -55,12 +55,12 @@ TRAINING_SYNONYMS, the generator's word among them):
   {object}?", "what kind of {shape} is the {attributes} {object}?", "the {attributes} {object}
   is what {shape}?", "what is the {shape} of the {attributes} {object}?", "of what {shape} is
   the {attributes} {object}?"; {shape}: shape, geometry, contour, silhouette; {object}: object,
-  element, entity, symbol.
+  element, entity, symbol, drawing, graphic.
 - count: "how many {counted} are there?", "tell me how many {counted} there are?", "what is the
   {amount} of {counted}?", "there are how many {counted}?", "of the {counted} how many are
   there?", "how many are there of the {counted}?"; "objects" -> objects, elements, entities,
-  symbols; {amount}: amount, quantity, tally (no generator word: it asks for a count without
-  "how many").
+  symbols, drawings, graphics; {amount}: amount, quantity, tally (no generator word: it asks
+  for a count without "how many").
 - exist: "is there a {target}?", "tell me if there is a {target}?", "is there a {target} or
   not?", "is a {target} there?", "there is a {target}?", "is there a {target} there?".
 - relation: "is the {a} {relation} the {b}?", "tell me if the {a} is {relation} the {b}?", "tell
@@ -217,8 +217,8 @@ _INVERSE = {"left": "right", "right": "left", "above": "below", "below": "above"
 TRAINING_SYNONYMS: dict[str, tuple[str, ...]] = {
     "color": ("color", "tint", "coloring", "tone"),
     "shape": ("shape", "geometry", "contour", "silhouette"),
-    "object": ("object", "element", "entity", "symbol"),
-    "objects": ("objects", "elements", "entities", "symbols"),
+    "object": ("object", "element", "entity", "symbol", "drawing", "graphic"),
+    "objects": ("objects", "elements", "entities", "symbols", "drawings", "graphics"),
     "amount": ("amount", "quantity", "tally"),  # no generator word: a count without "how many"
     "left": ("to the left of", "west of"),
     "right": ("to the right of", "east of"),
