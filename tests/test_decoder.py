@@ -1,5 +1,6 @@
 import pytest
 import torch
+import torch.nn.functional as F
 
 from captioner.caption.decoder import DecoderConfig
 from tests.conftest import tiny_model
@@ -21,10 +22,11 @@ CAPS = torch.tensor([[1, 5, 6, 7, 2, 0], [1, 8, 2, 0, 0, 0], [1, 9, 10, 11, 12, 
         dict(hard_attention=True, hard_expected=1.0),
         dict(word_dim=6),
         dict(attention_mass=True, hard_attention=True),
+        dict(similarity_mass=True, attention_mass=True, hard_attention=True),
     ],
     ids=[
         *("lstm", "gru", "rnn", "lstm2", "no-attention", "positional", "hard-attention"),
-        *("hard-all-sampled", "hard-all-expected", "word-dim", "mass-hard"),
+        *("hard-all-sampled", "hard-all-expected", "word-dim", "mass-hard", "similar-hard"),
     ],
 )
 def test_every_parameter_gets_a_finite_gradient(variant):
@@ -275,4 +277,47 @@ def test_attention_mass_reaches_the_lstm_and_trains():
     assert (more > torch.log1p(torch.sigmoid(energy).sum(1)) + 0.3).all()
     captions = torch.tensor([[1, 5, 6, 2], [1, 7, 2, 0]])
     net(features, captions)[1].backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in decoder.parameters())
+
+
+def test_similarity_mass_counts_the_cells_that_look_like_the_attended_one():
+    """With similarity_mass each step's LSTM reads log(1 + sum_i sigmoid(s cos(w z, w a_i) + b)),
+    z the expected context before the gate: a second copy of what the step attends adds its
+    cells, a different object does not. Beam rows read their own image's cells, and every
+    parameter, w, s and b among them, gets a gradient."""
+    net = tiny_model(seed=6, similarity_mass=True)
+    decoder = net.decoder
+    D = decoder.config.feature_dim
+    assert decoder.cells[0].input_size == 16 + D + 1
+    torch.manual_seed(0)
+    thing, other = torch.randn(D), torch.randn(D)
+    background = 0.05 * torch.randn(2, 16, D)
+    one, two = background.clone(), background.clone()
+    one[0, 3] = two[0, 3] = two[0, 12] = thing  # image 0: one copy / two copies of `thing`
+    one[1, 3] = two[1, 3] = thing  # image 1: `thing` and a different object in both
+    one[1, 12] = two[1, 12] = other
+    context = thing.expand(2, D)
+    single = decoder._similarity_mass(one, context)
+    double = decoder._similarity_mass(two, context)
+    for features, got in ((one, single), (two, double)):  # w = 1, s = 10, b = -7 at the start
+        cosine = F.cosine_similarity(features, context.unsqueeze(1), dim=2)  # (2, L)
+        want = torch.log1p(torch.sigmoid(10 * cosine - 7).sum(1, keepdim=True))
+        torch.testing.assert_close(got, want)
+    assert torch.expm1(double[0]) > torch.expm1(single[0]) + 0.9  # the copy: sigmoid(3) more
+    torch.testing.assert_close(single[1], double[1])  # another object is not a copy
+    # k = 3 rows per image: rows 0..2 read image 0, rows 3..5 image 1
+    rows = decoder._similarity_mass(two, thing.expand(6, D))
+    torch.testing.assert_close(rows, double.repeat_interleave(3, dim=0))
+    # The LSTM reads it, computed from the step's own (ungated) context.
+    memory = decoder.memory(two)
+    state = decoder.init_state(memory)
+    seen = []
+    hook = decoder.cells[0].register_forward_pre_hook(lambda m, args: seen.append(args[0]))
+    with torch.no_grad():
+        decoder.step(memory, state, torch.tensor([1, 1]))
+        context, _, _ = decoder.attend(memory.features, memory.projected, state[0][-1])
+    hook.remove()
+    torch.testing.assert_close(seen[0][:, -1:], decoder._similarity_mass(memory.features, context))
+    captions = torch.tensor([[1, 5, 6, 2], [1, 7, 2, 0]])
+    net(two, captions)[1].backward()
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in decoder.parameters())

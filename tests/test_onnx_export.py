@@ -163,7 +163,9 @@ def test_a_bidirectional_vqa_model_with_word_vectors_exports(tmp_path):
 
 
 @pytest.mark.parametrize(
-    "options", [dict(preview_steps=2), dict(attention_mass=True)], ids=["preview", "mass"]
+    "options",
+    [dict(preview_steps=2), dict(attention_mass=True), dict(similarity_mass=True)],
+    ids=["preview", "mass", "similar"],
 )
 def test_a_captioner_with_decoder_options_exports(tmp_path, options):
     """Preview steps are part of the start graph, the attention mass part of the step graph: the

@@ -234,7 +234,10 @@ def demo_features():
 @pytest.mark.parametrize("beam_size", [1, 3, 5])
 @pytest.mark.parametrize(
     "model",
-    ["demo", "random", "random-gru-2", "random-no-attention", "random-preview-2", "random-mass"],
+    [
+        *("demo", "random", "random-gru-2", "random-no-attention", "random-preview-2"),
+        *("random-mass", "random-similar"),
+    ],
 )
 def test_shared_memory_search_equals_per_beam_copies(model, beam_size, demo_features):
     """Beams reading their image's one memory give the captions, scores, log-probs and attention
@@ -249,6 +252,7 @@ def test_shared_memory_search_equals_per_beam_copies(model, beam_size, demo_feat
             "random-no-attention": dict(attention=False),
             "random-preview-2": dict(preview_steps=2),
             "random-mass": dict(attention_mass=True, preview_steps=1),
+            "random-similar": dict(similarity_mass=True, preview_steps=1),
         }[model]
         net = tiny_model(seed=3, **variant).eval()
         with torch.no_grad():  # sharper words and a likelier <end>: captions end at 0..12 words

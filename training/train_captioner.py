@@ -57,7 +57,7 @@ from training.common import epoch_order, grouped_epoch_order, run_script
 # DecoderConfig fields given by the command-line arguments of the same name
 NET_ARGS = ("embed_dim", "hidden_dim", "attention_dim", "cell", "dropout", "positional")
 NET_ARGS += ("hard_attention", "hard_inference", "hard_expected", "entropy_weight")
-NET_ARGS += ("preview_steps", "attention_mass")
+NET_ARGS += ("preview_steps", "attention_mass", "similarity_mass")
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -124,6 +124,12 @@ def get_args_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="each step also reads its attention energies' unnormalised mass, log(1 + sum of "
         "sigmoid(e)), so a count word can see how many cells match (the VQA model's --count)",
+    )
+    model.add_argument(
+        "--similarity-mass",
+        action="store_true",
+        help="each step also reads how many grid cells look like what it attends (learned "
+        "cosine threshold), so a count word can see a second copy of the attended object",
     )
     model.add_argument(
         "--supervise-attention",

@@ -69,6 +69,13 @@ class DecoderConfig:
     # same mass to its classifier (Zhang, Hare and Pruegel-Bennett, 2018); the log keeps it on
     # the scale of the other inputs at any grid size.
     attention_mass: bool = False
+    # Each step's LSTM also reads log(1 + sum_i sigmoid(s cos(w * z_t, w * a_i) + b)): how many
+    # grid cells look like what the step attends (z_t, the expected context before the gate;
+    # w (D), s and b learned, from 1, 10 and -7: cells within cosine 0.7 count). A second copy of
+    # the attended object adds its cells, so the count word of "two small red circles" can see
+    # the repeat; the attention mass above counts the cells that match the query instead, and
+    # saturates (see the README).
+    similarity_mass: bool = False
 
     def __post_init__(self) -> None:
         if self.cell not in CELLS:
@@ -97,6 +104,8 @@ class DecoderConfig:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
         if self.attention_mass and not self.attention:
             raise ValueError("attention_mass needs attention=True (it is the attention's mass)")
+        if self.similarity_mass and not self.attention:
+            raise ValueError("similarity_mass needs attention=True (it counts what is attended)")
         if self.hard_attention and not self.attention:
             raise ValueError("hard_attention needs attention=True")
         if not 0.0 <= self.hard_expected <= 1.0:
@@ -160,7 +169,7 @@ class CaptionDecoder(nn.Module):
             nn.Linear(c.feature_dim, c.hidden_dim * c.num_layers) if c.cell == "lstm" else None
         )
         cell = CELLS[c.cell]
-        sizes = [c.embed_dim + c.feature_dim + c.attention_mass]
+        sizes = [c.embed_dim + c.feature_dim + c.attention_mass + c.similarity_mass]
         sizes += [c.hidden_dim] * (c.num_layers - 1)
         self.cells = nn.ModuleList(cell(size, c.hidden_dim) for size in sizes)
         self.dropout = nn.Dropout(c.dropout)
@@ -168,6 +177,10 @@ class CaptionDecoder(nn.Module):
         self.out_h = nn.Linear(c.hidden_dim, c.embed_dim)
         self.out_z = nn.Linear(c.feature_dim, c.embed_dim, bias=False)
         self.out = nn.Linear(c.embed_dim, c.vocab_size)
+        if c.similarity_mass:  # w, s and b of the similarity mass
+            self.similar_weight = nn.Parameter(torch.ones(c.feature_dim))
+            self.similar_scale = nn.Parameter(torch.tensor(10.0))
+            self.similar_bias = nn.Parameter(torch.tensor(-7.0))
         if c.hard_attention:  # the REINFORCE baseline: a moving average of the reward
             self.register_buffer("reward_baseline", torch.zeros(()))
         self.reset_parameters()
@@ -243,21 +256,23 @@ class CaptionDecoder(nn.Module):
                 f"expected k rows of state and tokens per image ({B} images), got "
                 f"{top.shape[0]} state rows and {R} tokens"
             )
-        mass = None
+        extra = []  # (R, 1) each: the masses the LSTM also reads
         if self.attend is not None:
             # context (R, D), alpha and energy (R, L)
             context, alpha, energy = self.attend(memory.features, memory.projected, top)
             if self.config.hard_attention:
                 context = self._hard_context(memory.features, alpha, context, cells, read_expected)
-            context = torch.sigmoid(self.gate(top)) * context
             if self.config.attention_mass:
-                mass = torch.log1p(torch.sigmoid(energy).sum(dim=1, keepdim=True))  # (R, 1)
+                extra.append(torch.log1p(torch.sigmoid(energy).sum(dim=1, keepdim=True)))
+            if self.config.similarity_mass:
+                extra.append(self._similarity_mass(memory.features, context))
+            context = torch.sigmoid(self.gate(top)) * context
         else:
             context, alpha = memory.pooled, None  # (B, D)
             if R > B:
                 context = context.repeat_interleave(R // B, dim=0)  # (R, D): small, D per row
         emb = self.embed(prev_tokens)  # (R, E)
-        x = torch.cat([emb, context] if mass is None else [emb, context, mass], dim=1)
+        x = torch.cat([emb, context, *extra], dim=1)
         new_h, new_c = [], []
         for i, cell in enumerate(self.cells):
             if cs is not None:
@@ -270,6 +285,17 @@ class CaptionDecoder(nn.Module):
         deep = emb + self.out_h(self.dropout(x)) + self.out_z(context)
         logits = self.out(self.dropout(deep))  # (B, V)
         return logits, alpha, (new_h, new_c if cs is not None else None)
+
+    def _similarity_mass(self, features: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        """features (B, L, D), context (B*k, D) -> (B*k, 1): log(1 + the number of cells whose
+        weighted cosine with the context passes the learned threshold, softly); row r is about
+        image r // k, as in `step`."""
+        B, L, D = features.shape
+        keys = F.normalize(features * self.similar_weight, dim=2)  # (B, L, D)
+        query = F.normalize(context * self.similar_weight, dim=1).view(B, -1, D)  # (B, k, D)
+        cosine = torch.bmm(query, keys.transpose(1, 2)).reshape(-1, L)  # (B*k, L)
+        near = torch.sigmoid(self.similar_scale * cosine + self.similar_bias)
+        return torch.log1p(near.sum(dim=1, keepdim=True))
 
     def _hard_context(
         self,
