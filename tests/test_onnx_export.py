@@ -168,8 +168,8 @@ def test_a_bidirectional_vqa_model_with_word_vectors_exports(tmp_path):
     ids=["preview", "mass", "similar"],
 )
 def test_a_captioner_with_decoder_options_exports(tmp_path, options):
-    """Preview steps are part of the start graph, the attention mass part of the step graph: the
-    ONNX search writes PyTorch's captions."""
+    """Preview steps are part of the start graph, the attention and similarity masses part of the
+    step graph: the ONNX search writes PyTorch's captions."""
     vocab = Vocabulary.build(TINY_CAPTIONS)
     net = tiny_model(len(vocab), seed=4, **options).eval()
     with torch.no_grad():
