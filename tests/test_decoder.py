@@ -244,6 +244,18 @@ def test_preview_steps_attend_before_the_first_word_and_train():
     assert all(p.grad is not None for p in preview.decoder.parameters())
 
 
+def _step_lstm_input(decoder, memory, state, tokens):
+    """(alpha, what the first LSTM cell reads) of one step, without gradients."""
+    seen = []
+    hook = decoder.cells[0].register_forward_pre_hook(lambda m, args: seen.append(args[0]))
+    try:
+        with torch.no_grad():
+            _, alpha, _ = decoder.step(memory, state, tokens)
+    finally:
+        hook.remove()
+    return alpha, seen[0]
+
+
 def test_attention_mass_reaches_the_lstm_and_trains():
     """With attention_mass each step's LSTM reads log(1 + sum sigmoid(e)) of the energies its
     alpha is the softmax of: more cells that match the query give more mass where alpha, summing
@@ -254,26 +266,18 @@ def test_attention_mass_reaches_the_lstm_and_trains():
     features = torch.randn(2, 16, decoder.config.feature_dim)
     memory = decoder.memory(features)
     state = decoder.init_state(memory)
-    seen = []
-    hook = decoder.cells[0].register_forward_pre_hook(lambda m, args: seen.append(args[0]))
+    alpha, lstm_input = _step_lstm_input(decoder, memory, state, torch.tensor([1, 1]))
     with torch.no_grad():
-        _, alpha, _ = decoder.step(memory, state, torch.tensor([1, 1]))
         _, _, energy = decoder.attend(memory.features, memory.projected, state[0][-1])
-    hook.remove()
     torch.testing.assert_close(alpha, torch.softmax(energy, dim=1))
-    torch.testing.assert_close(seen[0][:, -1], torch.log1p(torch.sigmoid(energy).sum(1)))
+    torch.testing.assert_close(lstm_input[:, -1], torch.log1p(torch.sigmoid(energy).sum(1)))
     # Energies shifted by a constant (the score's bias): the same alpha, a larger mass.
     with torch.no_grad():
         decoder.attend.score.bias.add_(3.0)
-        _, shifted_alpha, _ = decoder.step(memory, state, torch.tensor([1, 1]))
+    shifted_alpha, lstm_input = _step_lstm_input(decoder, memory, state, torch.tensor([1, 1]))
     torch.testing.assert_close(shifted_alpha, alpha)
-    seen.clear()
-    hook = decoder.cells[0].register_forward_pre_hook(lambda m, args: seen.append(args[0]))
-    with torch.no_grad():
-        decoder.step(memory, state, torch.tensor([1, 1]))
-    hook.remove()
     more = torch.log1p(torch.sigmoid(energy + 3.0).sum(1))
-    torch.testing.assert_close(seen[0][:, -1], more)
+    torch.testing.assert_close(lstm_input[:, -1], more)
     assert (more > torch.log1p(torch.sigmoid(energy).sum(1)) + 0.3).all()
     captions = torch.tensor([[1, 5, 6, 2], [1, 7, 2, 0]])
     net(features, captions)[1].backward()
@@ -311,13 +315,12 @@ def test_similarity_mass_counts_the_cells_that_look_like_the_attended_one():
     # The LSTM reads it, computed from the step's own (ungated) context.
     memory = decoder.memory(two)
     state = decoder.init_state(memory)
-    seen = []
-    hook = decoder.cells[0].register_forward_pre_hook(lambda m, args: seen.append(args[0]))
+    _, lstm_input = _step_lstm_input(decoder, memory, state, torch.tensor([1, 1]))
     with torch.no_grad():
-        decoder.step(memory, state, torch.tensor([1, 1]))
         context, _, _ = decoder.attend(memory.features, memory.projected, state[0][-1])
-    hook.remove()
-    torch.testing.assert_close(seen[0][:, -1:], decoder._similarity_mass(memory.features, context))
+    torch.testing.assert_close(
+        lstm_input[:, -1:], decoder._similarity_mass(memory.features, context)
+    )
     captions = torch.tensor([[1, 5, 6, 2], [1, 7, 2, 0]])
     net(two, captions)[1].backward()
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in decoder.parameters())
