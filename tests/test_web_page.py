@@ -947,14 +947,16 @@ def test_a_new_image_aborts_the_caption_streaming_in(
 
             page.set_input_files("#file", str(portrait_png))
             assert page.locator("#caption .word").count() == 0  # the old words are gone at once
+            # The server sees the first request leave and stops its search. Its steps stay held
+            # until then: freed earlier, it could finish before the browser's close arrives.
+            deadline = time.monotonic() + TIMEOUT_MS / 1000
+            while stream_counts(slow.url).get("disconnected") != 1 and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert stream_counts(slow.url) == {"disconnected": 1.0}
             slow.steps.free()
             wait_for_caption(page)
             assert page.locator("#caption .word").all_inner_texts() == SCRIPT
             assert not visible(page, "#error") and page.js_errors == []
-            # The server saw the first request leave (and stopped its search).
-            deadline = time.monotonic() + TIMEOUT_MS / 1000
-            while stream_counts(slow.url).get("disconnected") != 1 and time.monotonic() < deadline:
-                time.sleep(0.05)
             assert stream_counts(slow.url) == {"completed": 1.0, "disconnected": 1.0}
         finally:
             context.close()
