@@ -86,6 +86,37 @@ def test_the_mean_baseline_is_the_other_samples_reward_and_bad_options_are_refus
         SelfCritical(net, cider, baseline="best")
 
 
+def test_the_policy_weight_scales_the_reward_term_and_zero_leaves_the_cross_entropy_alone():
+    vocab = Vocabulary.build(TINY_CAPTIONS)
+    net = tiny_model(len(vocab), seed=5).eval()  # no dropout: the same loss for the same sample
+    features = torch.randn(3, 16, net.decoder.config.feature_dim)
+    captions = [vocab.encode(c) for c in TINY_CAPTIONS[:3]]
+    width = max(map(len, captions))
+    padded = torch.tensor([c + [0] * (width - len(c)) for c in captions])
+    cider = CiderD({i: [c[1:-1]] for i, c in enumerate(captions)})
+
+    def loss(policy: float, xe: float) -> tuple[float, dict]:
+        torch.manual_seed(2)
+        objective = SelfCritical(net, cider, samples=2, policy_weight=policy, xe_weight=xe)
+        value, stats = objective(features, [0, 1, 2], padded)
+        return value.item(), stats
+
+    policy, stats = loss(1.0, 0.0)
+    assert set(stats) == {"reward", "baseline"} and policy != 0
+    assert loss(2.0, 0.0)[0] == pytest.approx(2 * policy)
+    xe = net.decoder(features, padded)[1].item()
+    assert loss(2.0, 0.5)[0] == pytest.approx(2 * policy + 0.5 * xe)
+    control, stats = loss(0.0, 0.5)  # nothing sampled: no reward, and the RNG is untouched
+    drawn_next = torch.rand(1)
+    assert stats == {} and control == pytest.approx(0.5 * xe)
+    torch.manual_seed(2)
+    assert torch.equal(drawn_next, torch.rand(1))
+    with pytest.raises(ValueError, match="both 0"):
+        SelfCritical(net, cider, policy_weight=0.0)
+    with pytest.raises(ValueError, match="must be >= 0"):
+        SelfCritical(net, cider, policy_weight=-1.0)
+
+
 def test_given_captions_get_the_log_probabilities_of_the_teacher_forced_decoder():
     vocab = Vocabulary.build(TINY_CAPTIONS)
     net = tiny_model(len(vocab), seed=4).eval()
@@ -186,3 +217,28 @@ def test_scst_runs_from_a_model_folder_and_resumes_as_an_uninterrupted_run(
     start = Captioner.load(trained / "xe" / "best").model.encoder.state_dict()
     for name, tensor in Captioner.load(tmp_path / "a" / "best").model.encoder.state_dict().items():
         assert torch.equal(tensor, start[name]), name  # the CNN stays as it was
+
+
+def test_the_cross_entropy_control_runs_without_rewards_and_refuses_an_empty_objective(
+    trained, tmp_path
+):
+    common = ["--data", str(trained), "--scst-from", str(trained / "xe" / "best"), "--epochs", "1"]
+    common += ["--batch-size", "6", "--no-progress", "--device", "cpu", "--scst-weight", "0"]
+    with pytest.raises(ValueError, match="--scst-weight 0 needs --scst-xe-weight"):
+        _scst([*common, "--out", str(tmp_path / "none")])
+    with pytest.raises(ValueError, match="must be >= 0"):
+        _scst([*common, "--scst-xe-weight", "-1", "--out", str(tmp_path / "neg")])
+    done = _scst([*common, "--scst-xe-weight", "1", "--out", str(tmp_path / "xe")])
+    assert done["step"] == 4  # 24 images, 6 per step
+    line = (tmp_path / "xe" / "metrics.jsonl").read_text().splitlines()[0]
+    assert '"train_reward"' not in line and '"CIDEr"' in line
+    start = Captioner.load(trained / "xe" / "best").model
+    after = Captioner.load(tmp_path / "xe" / "last").model
+    for name, tensor in after.encoder.state_dict().items():
+        assert torch.equal(tensor, start.encoder.state_dict()[name]), name
+    changed = [
+        name
+        for name, tensor in after.decoder.state_dict().items()
+        if not torch.equal(tensor, start.decoder.state_dict()[name])
+    ]
+    assert changed  # the decoder learned from the cross-entropy

@@ -218,6 +218,14 @@ def get_args_parser() -> argparse.ArgumentParser:
         default=0.0,
         help="also this times the cross-entropy of each image's first reference",
     )
+    scst.add_argument(
+        "--scst-weight",
+        type=float,
+        default=1.0,
+        help="weight of the self-critical term; 0 (with --scst-xe-weight) samples nothing: "
+        "cross-entropy alone on the same data with the same frozen CNN, the control that says "
+        "what the reward adds",
+    )
     run = groups["run"]
     run.add_argument("--early-stop-metric", default="CIDEr", help="CIDEr, Bleu_4 or scene_accuracy")
     run.add_argument("--val-beam-size", type=int, default=1)
@@ -292,6 +300,13 @@ class CaptionTask(loop.Task):
             raise ValueError(
                 "--supervise-attention trains with cross-entropy: not with --scst-from"
             )
+        if args.scst_from and (args.scst_weight < 0 or args.scst_xe_weight < 0):
+            raise ValueError(
+                f"--scst-weight and --scst-xe-weight must be >= 0, got {args.scst_weight} and "
+                f"{args.scst_xe_weight}"
+            )
+        if args.scst_from and args.scst_weight == 0 and args.scst_xe_weight == 0:
+            raise ValueError("--scst-weight 0 needs --scst-xe-weight > 0 (nothing to learn)")
         if args.supervise_counts and not args.supervise_attention > 0:
             raise ValueError("--supervise-counts needs --supervise-attention WEIGHT > 0")
         if args.count_each_copy and not args.supervise_counts:
@@ -422,6 +437,7 @@ class CaptionTask(loop.Task):
             max_length=args.scst_max_length,
             xe_weight=args.scst_xe_weight,
             search=args.scst_search,
+            policy_weight=args.scst_weight,
         )
 
     def loss(self, net, inputs, payload, step: int, total_steps: int) -> torch.Tensor:
@@ -429,7 +445,8 @@ class CaptionTask(loop.Task):
         device = inputs.device
         if self.args.scst_from:
             loss, stats = net(inputs, rows, captions.to(device), image_index.to(device))
-            self.rewards.append(stats["reward"])
+            if "reward" in stats:  # none without the self-critical term (--scst-weight 0)
+                self.rewards.append(stats["reward"])
             return loss
         sample_prob = self.args.scheduled_sampling * min(1.0, step / max(1, total_steps))
         _, loss = net(

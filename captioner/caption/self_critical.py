@@ -116,8 +116,15 @@ class SelfCritical(nn.Module):
         max_length: int = 20,
         xe_weight: float = 0.0,
         search: str = "sample",
+        policy_weight: float = 1.0,
     ):
         super().__init__()
+        if policy_weight < 0 or xe_weight < 0:
+            raise ValueError(
+                f"weights must be >= 0, got policy_weight={policy_weight}, xe_weight={xe_weight}"
+            )
+        if policy_weight == 0 and xe_weight == 0:
+            raise ValueError("policy_weight and xe_weight are both 0: nothing would be learned")
         if samples < 1:
             raise ValueError(f"samples must be >= 1, got {samples}")
         if baseline not in BASELINES:
@@ -128,7 +135,7 @@ class SelfCritical(nn.Module):
             raise ValueError("the mean baseline needs samples >= 2 (the other samples' mean)")
         self.net, self.cider = net, cider
         self.samples, self.baseline, self.max_length = samples, baseline, max_length
-        self.xe_weight, self.search = xe_weight, search
+        self.xe_weight, self.search, self.policy_weight = xe_weight, search, policy_weight
 
     def forward(
         self,
@@ -137,10 +144,25 @@ class SelfCritical(nn.Module):
         captions: torch.Tensor | None = None,
         image_index: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, dict[str, float]]:
-        """The policy-gradient loss over `samples` captions per image (plus `xe_weight` times the
-        cross-entropy of `captions`, caption b about image `image_index[b]`), and the batch's mean
-        sampled and baseline rewards."""
+        """`policy_weight` times the policy-gradient loss over `samples` captions per image, plus
+        `xe_weight` times the cross-entropy of `captions` (caption b about image
+        `image_index[b]`), and the batch's mean sampled and baseline rewards. With
+        `policy_weight` 0 nothing is sampled: the cross-entropy alone, with the same frozen CNN
+        and data, is the control that says what the reward adds (stats then empty)."""
         features = self.net.features(images_or_features)  # (B, L, D)
+        loss, stats = features.new_zeros(()), {}
+        if self.policy_weight > 0:
+            loss, stats = self._policy_loss(features, image_ids)
+            loss = self.policy_weight * loss
+        if self.xe_weight > 0 and captions is not None:
+            selected = features if image_index is None else features[image_index]
+            _, xe, _ = self.net.decoder(selected, captions)
+            loss = loss + self.xe_weight * xe
+        return loss, stats
+
+    def _policy_loss(
+        self, features: torch.Tensor, image_ids: Sequence[Hashable]
+    ) -> tuple[torch.Tensor, dict[str, float]]:
         B, K = len(features), self.samples
         given = None
         if self.search == "beam":
@@ -163,9 +185,5 @@ class SelfCritical(nn.Module):
             base = (reward.sum(dim=1, keepdim=True) - reward) / (K - 1)
         advantage = (reward - base).view(B * K, 1)
         loss = -(advantage * logps * mask).sum() / mask.sum()
-        if self.xe_weight > 0 and captions is not None:
-            selected = features if image_index is None else features[image_index]
-            _, xe, _ = self.net.decoder(selected, captions)
-            loss = loss + self.xe_weight * xe
         stats = {"reward": float(reward.mean()), "baseline": float(base.mean())}
         return loss, stats
