@@ -23,10 +23,13 @@ CAPS = torch.tensor([[1, 5, 6, 7, 2, 0], [1, 8, 2, 0, 0, 0], [1, 9, 10, 11, 12, 
         dict(word_dim=6),
         dict(attention_mass=True, hard_attention=True),
         dict(similarity_mass=True, attention_mass=True, hard_attention=True),
+        dict(refine_layers=2, positional=True),
+        dict(refine_layers=1, attention=False),
     ],
     ids=[
         *("lstm", "gru", "rnn", "lstm2", "no-attention", "positional", "hard-attention"),
         *("hard-all-sampled", "hard-all-expected", "word-dim", "mass-hard", "similar-hard"),
+        *("refine-2", "refine-no-attention"),
     ],
 )
 def test_every_parameter_gets_a_finite_gradient(variant):
@@ -101,6 +104,10 @@ def test_bad_configs_and_captions_are_clear_errors():
         )
     with pytest.raises(ValueError, match="preview_steps needs attention"):
         DecoderConfig(vocab_size=5, feature_dim=4, grid_cells=4, preview_steps=1, attention=False)
+    with pytest.raises(ValueError, match="refine_layers must be >= 0"):
+        DecoderConfig(vocab_size=5, feature_dim=4, grid_cells=4, refine_layers=-1)
+    with pytest.raises(ValueError, match="refine_heads must be >= 1 and divide feature_dim 6"):
+        DecoderConfig(vocab_size=5, feature_dim=6, grid_cells=4, refine_layers=1, refine_heads=4)
     model = tiny_model()
     with pytest.raises(ValueError, match="at least"):
         model(torch.randn(1, 3, 32, 32), torch.tensor([[1, 0, 0]]))
@@ -324,3 +331,31 @@ def test_similarity_mass_counts_the_cells_that_look_like_the_attended_one():
     captions = torch.tensor([[1, 5, 6, 2], [1, 7, 2, 0]])
     net(two, captions)[1].backward()
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in decoder.parameters())
+
+
+def test_refine_layers_let_each_cell_see_the_others_once_per_image():
+    """Without refine layers a cell of the memory is its own feature (plus its position); with
+    them it also depends on every other cell: a copy of an object placed elsewhere changes the
+    object's own refined cell. The memory is computed once per image, and the pooled vector and
+    the attention's projection read the refined grid."""
+    torch.manual_seed(0)
+    D = 16
+    thing = torch.randn(D)
+    one = 0.05 * torch.randn(1, 16, D)
+    one[0, 3] = thing
+    two = one.clone()
+    two[0, 12] = thing  # the same object again, elsewhere
+    plain = tiny_model(seed=2).eval().decoder
+    refined = tiny_model(seed=2, refine_layers=1).eval().decoder
+    assert refined.refine is not None and plain.refine is None
+    with torch.no_grad():
+        torch.testing.assert_close(
+            plain.memory(one).features[0, 3], plain.memory(two).features[0, 3]
+        )
+        a, b = refined.memory(one), refined.memory(two)
+        assert (a.features[0, 3] - b.features[0, 3]).abs().max() > 1e-3
+    with torch.no_grad():
+        memory = refined.memory(two)
+        torch.testing.assert_close(memory.pooled, memory.features.mean(dim=1))
+        torch.testing.assert_close(memory.projected, refined.attend.project(memory.features))
+        torch.testing.assert_close(memory.features, refined.refine(two))

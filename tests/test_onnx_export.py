@@ -164,12 +164,17 @@ def test_a_bidirectional_vqa_model_with_word_vectors_exports(tmp_path):
 
 @pytest.mark.parametrize(
     "options",
-    [dict(preview_steps=2), dict(attention_mass=True), dict(similarity_mass=True)],
-    ids=["preview", "mass", "similar"],
+    [
+        dict(preview_steps=2),
+        dict(attention_mass=True),
+        dict(similarity_mass=True),
+        dict(refine_layers=1, positional=True),
+    ],
+    ids=["preview", "mass", "similar", "refine"],
 )
 def test_a_captioner_with_decoder_options_exports(tmp_path, options):
-    """Preview steps are part of the start graph, the attention and similarity masses part of the
-    step graph: the ONNX search writes PyTorch's captions."""
+    """Preview steps and refine layers are part of the start graph, the attention and
+    similarity masses part of the step graph: the ONNX search writes PyTorch's captions."""
     vocab = Vocabulary.build(TINY_CAPTIONS)
     net = tiny_model(len(vocab), seed=4, **options).eval()
     with torch.no_grad():

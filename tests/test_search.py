@@ -236,7 +236,7 @@ def demo_features():
     "model",
     [
         *("demo", "random", "random-gru-2", "random-no-attention", "random-preview-2"),
-        *("random-mass", "random-similar"),
+        *("random-mass", "random-similar", "random-refine"),
     ],
 )
 def test_shared_memory_search_equals_per_beam_copies(model, beam_size, demo_features):
@@ -253,6 +253,7 @@ def test_shared_memory_search_equals_per_beam_copies(model, beam_size, demo_feat
             "random-preview-2": dict(preview_steps=2),
             "random-mass": dict(attention_mass=True, preview_steps=1),
             "random-similar": dict(similarity_mass=True, preview_steps=1),
+            "random-refine": dict(refine_layers=1, preview_steps=1),
         }[model]
         net = tiny_model(seed=3, **variant).eval()
         with torch.no_grad():  # sharper words and a likelier <end>: captions end at 0..12 words

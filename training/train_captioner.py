@@ -57,7 +57,7 @@ from training.common import epoch_order, grouped_epoch_order, run_script
 # DecoderConfig fields given by the command-line arguments of the same name
 NET_ARGS = ("embed_dim", "hidden_dim", "attention_dim", "cell", "dropout", "positional")
 NET_ARGS += ("hard_attention", "hard_inference", "hard_expected", "entropy_weight")
-NET_ARGS += ("preview_steps", "attention_mass", "similarity_mass")
+NET_ARGS += ("preview_steps", "attention_mass", "similarity_mass", "refine_layers", "refine_heads")
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -130,6 +130,17 @@ def get_args_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="each step also reads how many grid cells look like what it attends (learned "
         "cosine threshold), so a count word can see a second copy of the attended object",
+    )
+    model.add_argument(
+        "--refine-layers",
+        type=int,
+        default=0,
+        help="transformer encoder layers (self-attention over the grid cells) between the CNN "
+        "and the decoder, so each cell sees the others: a copy of an object, where the other "
+        "object lies (0: none)",
+    )
+    model.add_argument(
+        "--refine-heads", type=int, default=4, help="attention heads of each --refine-layers layer"
     )
     model.add_argument(
         "--supervise-attention",

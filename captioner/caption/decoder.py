@@ -76,6 +76,14 @@ class DecoderConfig:
     # the repeat; the attention mass above counts the cells that match the query instead, and
     # saturates (see the README).
     similarity_mass: bool = False
+    # Transformer encoder layers (pre-norm self-attention over the grid cells, `refine_heads`
+    # heads, a 2x-wide feed-forward) that refine the grid once per image before anything reads
+    # it, as captioning models since AoANet (Huang et al. 2019) and the Meshed-Memory
+    # Transformer do: each cell can look at every other, so an object's cells can tell that a
+    # copy of it stands elsewhere ("two small red circles"), or where the other object lies.
+    # Part of `memory`, so every search and the ONNX start graph run it. 0: none.
+    refine_layers: int = 0
+    refine_heads: int = 4
 
     def __post_init__(self) -> None:
         if self.cell not in CELLS:
@@ -92,6 +100,13 @@ class DecoderConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.word_dim < 0:
             raise ValueError(f"word_dim must be >= 0 (0: embed_dim), got {self.word_dim}")
+        if self.refine_layers < 0:
+            raise ValueError(f"refine_layers must be >= 0, got {self.refine_layers}")
+        if self.refine_layers and (self.refine_heads < 1 or self.feature_dim % self.refine_heads):
+            raise ValueError(
+                f"refine_heads must be >= 1 and divide feature_dim {self.feature_dim}, got "
+                f"{self.refine_heads}"
+            )
         if self.preview_steps < 0:
             raise ValueError(f"preview_steps must be >= 0, got {self.preview_steps}")
         if self.preview_steps and not self.attention:
@@ -159,6 +174,17 @@ class CaptionDecoder(nn.Module):
         self.position = (
             nn.Parameter(torch.zeros(c.grid_cells, c.feature_dim)) if c.positional else None
         )
+        self.refine = None
+        if c.refine_layers:
+            layer = nn.TransformerEncoderLayer(
+                c.feature_dim,
+                c.refine_heads,
+                dim_feedforward=2 * c.feature_dim,
+                dropout=c.dropout,
+                batch_first=True,
+                norm_first=True,
+            )
+            self.refine = nn.TransformerEncoder(layer, c.refine_layers, enable_nested_tensor=False)
         self.attend = (
             SoftAttention(c.feature_dim, c.hidden_dim, c.attention_dim) if c.attention else None
         )
@@ -216,6 +242,8 @@ class CaptionDecoder(nn.Module):
                     f"expected {self.config.grid_cells} grid cells, got {features.shape[1]}"
                 )
             features = features + self.position
+        if self.refine is not None:
+            features = self.refine(features)
         projected = self.attend.project(features) if self.attend is not None else None
         return Memory(features, projected, features.mean(dim=1))
 
