@@ -16,6 +16,9 @@ from torch import nn
 
 QUANTIZE_MODES = ("int8",)
 _DYNAMIC = (nn.Linear, nn.LSTMCell, nn.GRUCell, nn.RNNCell, nn.LSTM, nn.GRU)
+# Layers whose forward reads their linear layers' weights as tensors (the transformer fast
+# path): their insides stay in float. They run once per image, not once per word.
+_KEEP_FLOAT = (nn.TransformerEncoderLayer, nn.MultiheadAttention)
 
 
 def check_quantize(quantize: str | None, device: str | torch.device = "cpu") -> None:
@@ -31,17 +34,22 @@ def check_quantize(quantize: str | None, device: str | torch.device = "cpu") -> 
 
 
 def quantize_model(model: nn.Module, quantize: str | None, skip: Collection[str] = ()) -> nn.Module:
-    """`model` (in eval mode) with its recurrent and linear layers quantized to int8 weights;
-    `skip` names submodules (as in `named_modules`) to keep in float, e.g. a layer whose weight
+    """`model` (in eval mode) with its recurrent and linear layers quantized to int8 weights
+    (those inside transformer layers stay in float: see `_KEEP_FLOAT`); `skip` names submodules (as in `named_modules`) to keep in float, e.g. a layer whose weight
     the model reads directly. `quantize=None` returns the model unchanged."""
     check_quantize(quantize)
     if quantize is None:
         return model
     model = model.eval()
+    inside_float = [
+        name + "." for name, module in model.named_modules() if isinstance(module, _KEEP_FLOAT)
+    ]
     names = {
         name
         for name, module in model.named_modules()
-        if isinstance(module, _DYNAMIC) and name not in skip
+        if isinstance(module, _DYNAMIC)
+        and name not in skip
+        and not any(name.startswith(prefix) for prefix in inside_float)
     }
     spec = {name: torch.ao.quantization.default_dynamic_qconfig for name in names}
     with warnings.catch_warnings():

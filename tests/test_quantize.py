@@ -14,8 +14,10 @@ from captioner.caption.captioner import Captioner
 from captioner.data.shapes import generate_split, render
 from captioner.paths import DEFAULT_CAPTION_MODEL, DEFAULT_VQA_MODEL
 from captioner.quantize import quantize_model
+from captioner.vocab import Vocabulary
 from captioner.vqa.answerer import Answerer
 from tests.api_fixtures import TestClient, settings, tiny_vectors_vqa
+from tests.conftest import TINY_CAPTIONS, tiny_model
 
 SCENES = generate_split(24, seed=11)  # not the demo models' training seed
 
@@ -33,7 +35,9 @@ def images():
 def test_int8_captioner_writes_nearly_the_float_captions(images):
     plain = Captioner.load(DEFAULT_CAPTION_MODEL)
     int8 = Captioner.load(DEFAULT_CAPTION_MODEL, quantize="int8")
-    assert _float_layers(plain.model.decoder) and not _float_layers(int8.model.decoder)
+    assert _float_layers(plain.model.decoder)
+    # Only the refine layers (self-attention over the grid, once per image) stay in float.
+    assert all(name.startswith("refine.") for name in _float_layers(int8.model.decoder))
     assert int8.quantize == "int8" and plain.quantize is None
     want = plain.caption(images, beam_size=3)
     got = int8.caption(images, beam_size=3)
@@ -43,6 +47,30 @@ def test_int8_captioner_writes_nearly_the_float_captions(images):
     i = same.index(True)
     assert got[i].token_logprobs != want[i].token_logprobs
     assert got[i].token_logprobs == pytest.approx(want[i].token_logprobs, abs=0.05)
+
+
+def test_a_captioner_with_refine_layers_quantizes_all_but_them(tmp_path):
+    vocab = Vocabulary.build(TINY_CAPTIONS)
+    net = tiny_model(len(vocab), seed=4, refine_layers=1).eval()
+    with torch.no_grad():
+        net.decoder.out.weight.mul_(5.0)
+    folder = Captioner(net, vocab, name="refine").save(tmp_path / "refine")
+    plain = Captioner.load(folder)
+    int8 = Captioner.load(folder, quantize="int8")
+    layers = _float_layers(int8.model.decoder)
+    assert layers == ["refine.layers.0.linear1", "refine.layers.0.linear2"]
+    pixels = torch.rand(6, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        memory = int8.model.decoder.memory(int8.encode(pixels)).features
+        torch.testing.assert_close(
+            memory, plain.model.decoder.memory(plain.encode(pixels)).features
+        )
+    # The int8 words come out of the float memory: first-step log-probabilities stay close.
+    first = {}
+    for name, captioner in (("float", plain), ("int8", int8)):
+        [result] = captioner.caption_features(captioner.encode(pixels[:1]), method="greedy")
+        first[name] = result.token_logprobs[0]
+    assert first["int8"] == pytest.approx(first["float"], abs=0.05)
 
 
 def test_int8_answerer_gives_nearly_the_float_answers(images):
