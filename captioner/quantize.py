@@ -35,8 +35,9 @@ def check_quantize(quantize: str | None, device: str | torch.device = "cpu") -> 
 
 def quantize_model(model: nn.Module, quantize: str | None, skip: Collection[str] = ()) -> nn.Module:
     """`model` (in eval mode) with its recurrent and linear layers quantized to int8 weights
-    (those inside transformer layers stay in float: see `_KEEP_FLOAT`); `skip` names submodules (as in `named_modules`) to keep in float, e.g. a layer whose weight
-    the model reads directly. `quantize=None` returns the model unchanged."""
+    (those inside transformer layers stay in float: see `_KEEP_FLOAT`); `skip` names submodules
+    (as in `named_modules`) to keep in float, e.g. a layer whose weight the model reads
+    directly. `quantize=None` returns the model unchanged."""
     check_quantize(quantize)
     if quantize is None:
         return model
