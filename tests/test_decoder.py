@@ -359,3 +359,21 @@ def test_refine_layers_let_each_cell_see_the_others_once_per_image():
         torch.testing.assert_close(memory.pooled, memory.features.mean(dim=1))
         torch.testing.assert_close(memory.projected, refined.attend.project(memory.features))
         torch.testing.assert_close(memory.features, refined.refine(two))
+
+
+def test_teacher_forcing_builds_each_images_memory_once_for_all_its_captions():
+    """Captions about the same image (`image_index`) read one memory: the refine layers see each
+    image once, and the logits, loss and attention are those of copying the image per caption."""
+    net = tiny_model(seed=5, refine_layers=1, positional=True).eval()
+    features = net.features(torch.randn(2, 3, 32, 32))
+    image_index = torch.tensor([1, 0, 1])
+    seen = []
+    net.decoder.refine.register_forward_hook(lambda m, args, out: seen.append(len(args[0])))
+    with torch.no_grad():
+        shared = net.decoder(features, CAPS, image_index=image_index)
+        copied = net.decoder(features[image_index], CAPS)
+    assert seen == [2, 3]
+    for got, want in zip(shared, copied, strict=True):
+        torch.testing.assert_close(got, want)
+    with pytest.raises(ValueError, match="B=3"):
+        net.decoder(features, CAPS[:2], image_index=image_index)

@@ -68,9 +68,7 @@ class CaptionNet(nn.Module):
         cells each predicted word should attend (`supervised_attention_loss`), the loss adds
         `attention_weight` times that term."""
         features = self.features(images_or_features)
-        if image_index is not None:
-            features = features[image_index]
-        logits, loss, alphas = self.decoder(features, captions, sample_prob)
+        logits, loss, alphas = self.decoder(features, captions, sample_prob, image_index)
         if attention_targets is not None and attention_weight > 0:
             if alphas is None:
                 raise ValueError("attention targets need a decoder with attention")

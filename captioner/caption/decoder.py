@@ -352,9 +352,15 @@ class CaptionDecoder(nn.Module):
 
     # -- teacher forcing -----------------------------------------------------------------------
     def forward(
-        self, features: torch.Tensor, captions: torch.Tensor, sample_prob: float = 0.0
+        self,
+        features: torch.Tensor,
+        captions: torch.Tensor,
+        sample_prob: float = 0.0,
+        image_index: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """features (B, L, D), captions (B, T) as `<start> w1 .. wn <end> <pad>..`.
+        """features (N, L, D), captions (B, T) as `<start> w1 .. wn <end> <pad>..`; caption b is
+        about image `image_index[b]` (default: N = B, one caption per image). The memory (refine
+        layers, attention projection) is computed once per image, however many captions read it.
 
         Returns logits (B, T-1, V) predicting captions[:, 1:] (zeros at padded steps), the loss
         (cross-entropy over real tokens plus the doubly stochastic term), and attention (B, T-1, L).
@@ -363,17 +369,18 @@ class CaptionDecoder(nn.Module):
         `sample_prob` > 0 (scheduled sampling, Bengio et al., 2015) each input word after the first
         is, with that probability, the model's own previous prediction instead of the reference.
         """
-        if captions.dim() != 2 or captions.shape[0] != features.shape[0]:
-            raise ValueError(
-                f"captions must be (B, T) with B={features.shape[0]}, got {tuple(captions.shape)}"
-            )
+        rows = features.shape[0] if image_index is None else len(image_index)
+        if captions.dim() != 2 or captions.shape[0] != rows:
+            raise ValueError(f"captions must be (B, T) with B={rows}, got {tuple(captions.shape)}")
         lengths = (captions != self.config.pad_id).sum(dim=1) - 1  # steps per caption
         if (lengths < 1).any():
             raise ValueError("every caption needs at least <start> and one more token")
         order = lengths.argsort(descending=True)
         inverse = order.argsort()
         captions, lengths = captions[order], lengths[order]
-        memory = self.memory(features[order])
+        memory = self.memory(features).index_select(
+            order if image_index is None else image_index[order]
+        )
         state = self.init_state(memory)
         B, steps = captions.shape[0], int(lengths[0])
         logits = features.new_zeros(B, steps, self.config.vocab_size)

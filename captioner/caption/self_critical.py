@@ -155,8 +155,7 @@ class SelfCritical(nn.Module):
             loss, stats = self._policy_loss(features, image_ids)
             loss = self.policy_weight * loss
         if self.xe_weight > 0 and captions is not None:
-            selected = features if image_index is None else features[image_index]
-            _, xe, _ = self.net.decoder(selected, captions)
+            _, xe, _ = self.net.decoder(features, captions, image_index=image_index)
             loss = loss + self.xe_weight * xe
         return loss, stats
 
