@@ -30,6 +30,8 @@ KEYS = {
     "scene_accuracy",
     "relation_accuracy",
     "relation_scenes",
+    "invented_relations",
+    "unclear_relation_scenes",
     "count_accuracy",
     "count_scenes",
     "n_images",

@@ -13,6 +13,7 @@ from captioner.evaluation.grounding import (
     cells_overlapping,
     count_accuracy,
     grounding,
+    invented_relations,
     object_scene_accuracy,
     relation_accuracy,
 )
@@ -230,6 +231,36 @@ def test_relation_accuracy_counts_only_two_distinct_objects_with_a_clear_relatio
     assert relation_accuracy(captions, objects) == {
         "relation_accuracy": None,
         "relation_scenes": 0,
+    }
+
+
+def test_invented_relations_counts_relations_stated_where_none_is_clear():
+    diagonal = [
+        _placed("small", "red", "circle", 20, 20),
+        _placed("large", "blue", "square", 70, 70),
+    ]
+    near_the_edge = [  # dx is 0.55 of dy: not clear cut (it must be at most half)
+        _placed("small", "red", "circle", 39, 20),
+        _placed("large", "blue", "square", 50, 40),
+    ]
+    left = [_placed("small", "red", "circle", 20, 50), _placed("large", "blue", "square", 80, 52)]
+    twins = [_placed("small", "red", "circle", 20, 50), _placed("small", "red", "circle", 80, 50)]
+    captions = {
+        1: "a small red circle and a large blue square",
+        2: "a small red circle above a large blue square",  # invented
+        3: "a small red circle at the top and a large blue square at the bottom",  # invented
+        4: "a large blue square to the right of a small red circle",  # clear: not counted
+        5: "a small red circle to the left of a small red circle",  # twins: not counted
+    }
+    objects = {1: diagonal, 2: near_the_edge, 3: diagonal, 4: left, 5: twins}
+    assert invented_relations(captions, objects) == {
+        "invented_relations": 2 / 3,
+        "unclear_relation_scenes": 3,
+    }
+    assert relation_accuracy(captions, objects)["relation_scenes"] == 1
+    assert invented_relations({4: captions[4]}, {4: left}) == {
+        "invented_relations": None,
+        "unclear_relation_scenes": 0,
     }
 
 

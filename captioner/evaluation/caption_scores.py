@@ -18,6 +18,7 @@ from captioner.evaluation.coco import COCO_METRICS, coco_scores, leave_one_out
 from captioner.evaluation.grounding import (
     count_accuracy,
     grounding,
+    invented_relations,
     object_scene_accuracy,
     relation_accuracy,
 )
@@ -110,5 +111,6 @@ def score(
             metrics.update(grounding=None, grounding_uniform=None, grounded_words=None)
         metrics.update(object_scene_accuracy(candidates, objects))
         metrics.update(relation_accuracy(candidates, objects))
+        metrics.update(invented_relations(candidates, objects))
         metrics.update(count_accuracy(candidates, objects))
     return metrics

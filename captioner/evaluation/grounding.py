@@ -277,6 +277,32 @@ def relation_accuracy(
     }
 
 
+def invented_relations(
+    captions: Mapping[Hashable, str],
+    objects_by_image: Mapping[Hashable, Sequence[Mapping[str, Any]]],
+) -> dict[str, float | int | None]:
+    """The other side of `relation_accuracy`: in the scenes of two distinct objects whose relation
+    is not clear cut (`shapes.relation` is None, so every reference joins them with "and"), the
+    share of captions that state a relation anyway ("to the left of", "above", ...). A model that
+    states a relation for every pair scores well on `relation_accuracy` and badly here. Returns
+    `invented_relations` (None when no scene qualifies) and `unclear_relation_scenes`."""
+    invented = scenes = 0
+    for image_id, text in captions.items():
+        objects = objects_by_image[image_id]
+        if len(objects) != 2:
+            continue
+        a, b = (_shape_object(o) for o in objects)
+        size = int(objects[0]["mask"]["size"][1])
+        if a.attrs == b.attrs or relation(a, b, size) is not None:
+            continue
+        scenes += 1
+        invented += stated_relation(text) is not None
+    return {
+        "invented_relations": invented / scenes if scenes else None,
+        "unclear_relation_scenes": scenes,
+    }
+
+
 def count_accuracy(
     captions: Mapping[Hashable, str],
     objects_by_image: Mapping[Hashable, Sequence[Mapping[str, Any]]],
