@@ -199,6 +199,23 @@ def test_a_twin_option_adds_a_twin_per_training_question_and_nothing_else(flag, 
     assert files(tmp_path / "rw") == files(dataset)
 
 
+def test_edge_pairs_add_training_scenes_after_the_others_and_nothing_else(dataset, tmp_path):
+    make(tmp_path / "edge", "--seed", "5", "--edge-pairs", "4")
+    for split in ("val", "test"):
+        assert files(tmp_path / "edge" / split) == files(dataset / split)
+    before = load(dataset / "train" / "objects.json")
+    after = load(tmp_path / "edge" / "train" / "objects.json")
+    assert after["info"]["edge_pairs"] == 4 and after["info"]["images"] == 7
+    assert after["images"][:3] == before["images"]  # the --train scenes are unchanged
+    added = after["images"][3:]
+    assert [im["id"] for im in added] == [before["images"][-1]["id"] + k for k in range(1, 5)]
+    assert all(len(im["objects"]) == 2 for im in added)
+    captions = load(tmp_path / "edge" / "train" / "captions.json")
+    assert {a["image_id"] for a in captions["annotations"]} == {im["id"] for im in after["images"]}
+    with pytest.raises(ValueError, match="--edge-pairs"):
+        make(tmp_path / "bad", "--edge-pairs", "-1")
+
+
 def test_one_twin_per_question_at_most(tmp_path, capsys):
     with pytest.raises(SystemExit):
         get_args_parser().parse_args(["--out", str(tmp_path), "--reword-train", "--vary-train"])

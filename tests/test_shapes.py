@@ -23,12 +23,15 @@ from captioner.data.shapes import (
     decode_mask,
     encode_mask,
     generate_split,
+    make_edge_pair_scene,
     make_questions,
     make_scene,
     object_mask,
     parse_caption,
+    relation,
     render,
     score_caption,
+    stated_relation,
 )
 from captioner.vocab import tokenize
 
@@ -274,3 +277,28 @@ def test_mask_rle_round_trip(scenes):
         rle = encode_mask(mask)
         assert isinstance(rle["counts"], str) and rle["size"] == [128, 128]
         assert np.array_equal(decode_mask(rle), mask)
+
+
+def test_edge_pairs_are_two_distinct_objects_on_both_sides_of_the_relation_rule():
+    pairs = [make_edge_pair_scene(seed, image_id=seed + 1) for seed in range(200)]
+    assert pairs == [make_edge_pair_scene(seed, image_id=seed + 1) for seed in range(200)]
+    ratios, clear = [], 0
+    for s in pairs:
+        a, b = s.objects
+        assert a.attrs != b.attrs and list(s.objects) == sorted(s.objects, key=lambda o: o.center)
+        dx, dy = abs(a.center[0] - b.center[0]), abs(a.center[1] - b.center[1])
+        ratios.append(min(dx, dy) / max(dx, dy))
+        clear += relation(a, b, s.size) is not None
+        for o in s.objects:
+            assert 0.03 * s.size + o.radius - 0.5 <= min(o.center)
+            assert max(o.center) <= s.size - 0.03 * s.size - o.radius + 0.5
+        assert np.hypot(dx, dy) >= a.radius + b.radius + 0.04 * s.size - 1
+        assert all(score_caption(text, s.objects)[1] for text in s.captions)
+        stated = stated_relation(s.captions[0])  # the canonical reference
+        assert (stated is None) == (relation(a, b, s.size) is None)
+    # rounding the centres to pixels moves a ratio by a little
+    assert min(ratios) >= 0.28 and max(ratios) <= 0.72
+    assert 0.3 < clear / len(pairs) < 0.7  # both sides of the edge, about half each
+    assert min(ratios) < 0.35 and max(ratios) > 0.65 and 0.45 < np.median(ratios) < 0.55
+    with pytest.raises(ValueError, match="edge ratios"):
+        make_edge_pair_scene(0, ratios=(0.6, 0.4))

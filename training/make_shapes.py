@@ -45,12 +45,14 @@ from captioner.data.shapes import (
     derive_seed,
     encode_mask,
     generate_split,
+    make_edge_pair_scene,
     object_mask,
     render,
 )
 from captioner.files import write_text_atomic
 
 __all__ = [
+    "edge_pair_scenes",
     "generate_split",
     "get_args_parser",
     "main",
@@ -93,6 +95,15 @@ def object_record(obj: ShapeObject, size: int) -> dict[str, Any]:
         "area": int(mask.sum()),
         "mask": encode_mask(mask),
     }
+
+
+def edge_pair_scenes(n: int, seed: int, size: int, start_id: int) -> list[Scene]:
+    """`n` scenes of two objects near the edge of the relation rule
+    (`captioner.data.shapes.make_edge_pair_scene`), ids from `start_id`; scene i depends only on
+    (seed, i)."""
+    return [
+        make_edge_pair_scene(derive_seed(seed, "edge", i), start_id + i, size) for i in range(n)
+    ]
 
 
 def _render_scene(scene: Scene, images_dir: Path) -> list[dict[str, Any]]:
@@ -179,12 +190,14 @@ def write_split(
     progress: bool | None = None,
     paraphrased: bool = False,
     twin: str | None = None,
+    edge_pairs: int = 0,
 ) -> None:
     """Write `scenes` into `out_dir`: images first, the JSON files last (each by temp file and
     rename, after removing old ones), so no JSON ever names an image that is not there.
     `progress=None` shows a bar only on a terminal; `paraphrased` also writes the questions
     reworded (`PARAPHRASED`); `twin` ("reword" or "vary", TWINS) gives each question a twin in
-    other words (`_wordings`)."""
+    other words (`_wordings`); `edge_pairs` is recorded in the files' info (how many of the
+    scenes, the last ones, are `edge_pair_scenes`)."""
     if workers < 1:
         raise ValueError(f"workers must be >= 1, got {workers}")
     if twin is not None and twin not in TWINS:
@@ -214,6 +227,8 @@ def write_split(
     info = {"description": "shapes world (captioner.data.shapes)", "version": "1.0", "split": split}
     info.update(seed=seed, split_seed=None if seed is None else split_seed(seed, split))
     info.update(image_size=size, images=len(scenes))
+    if edge_pairs:
+        info.update(edge_pairs=edge_pairs)
     images = [
         {"id": s.image_id, "file_name": s.file_name, "width": s.size, "height": s.size}
         for s in scenes
@@ -280,6 +295,14 @@ def get_args_parser() -> argparse.ArgumentParser:
         "that no paraphrase uses (captioner.data.paraphrase.vary), same answer; val and test "
         "stay as generated",
     )
+    parser.add_argument(
+        "--edge-pairs",
+        type=int,
+        default=0,
+        help="add this many training scenes of two distinct objects near the edge of the "
+        "relation rule (the minor offset 0.3 to 0.7 times the major one; the rule wants at most "
+        "0.5), after the --train scenes; val and test stay as generated",
+    )
     return parser
 
 
@@ -288,9 +311,17 @@ def main(args: argparse.Namespace) -> None:
         n = getattr(args, split)
         if not 0 <= n < IDS_PER_SPLIT:
             raise ValueError(f"--{split} must be in 0..{IDS_PER_SPLIT - 1}, got {n}")
+    if not 0 <= args.edge_pairs < IDS_PER_SPLIT - args.train:
+        raise ValueError(
+            f"--edge-pairs must be in 0..{IDS_PER_SPLIT - 1 - args.train}, got {args.edge_pairs}"
+        )
     for split in SPLITS:
         n = getattr(args, split)
         scenes = generate_split(n, split_seed(args.seed, split), args.size, first_id(split))
+        edge = args.edge_pairs if split == "train" else 0
+        scenes += edge_pair_scenes(
+            edge, split_seed(args.seed, split), args.size, first_id(split) + n
+        )
         write_split(
             scenes,
             args.out / split,
@@ -299,8 +330,9 @@ def main(args: argparse.Namespace) -> None:
             workers=args.workers,
             paraphrased=args.paraphrase,
             twin=args.twin if split == "train" else None,
+            edge_pairs=edge,
         )
-        print(f"{split}: {n} images -> {args.out / split}")
+        print(f"{split}: {n + edge} images -> {args.out / split}")
 
 
 if __name__ == "__main__":

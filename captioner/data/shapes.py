@@ -37,6 +37,7 @@ RGB = {
     "white": (235, 235, 235),
 }
 MAX_OBJECTS = 4
+EDGE_RATIOS = (0.3, 0.7)  # make_edge_pair_scene: minor over major offset, either side of 0.5
 MAX_CAPTION_TOKENS = 20
 CAPTIONS_PER_IMAGE = 5
 MIN_IMAGE_SIZE, MAX_IMAGE_SIZE = 32, 1024
@@ -126,6 +127,58 @@ def make_scene(seed: int, image_id: int = 1, size: int = 128) -> Scene:
     _check_size(size)
     rng = random.Random(seed)
     objects = _place_objects(rng, _sample_attributes(rng), size)
+    return _finish_scene(rng, objects, seed, image_id, size)
+
+
+def make_edge_pair_scene(
+    seed: int, image_id: int = 1, size: int = 128, ratios: tuple[float, float] = EDGE_RATIOS
+) -> Scene:
+    """A scene of two distinct objects placed near the edge of `relation`'s rule: the offset
+    between their centres along the minor axis is drawn uniformly from `ratios` times the offset
+    along the major one, so about half of these pairs have a clear relation (a ratio up to 0.5)
+    and half do not. Training on them shows a model where the rule's edge lies; a random scene
+    rarely lands near it. Fully determined by `seed`, `size` and `ratios`."""
+    _check_size(size)
+    lo, hi = ratios
+    if not 0 <= lo < hi <= 1:
+        raise ValueError(f"edge ratios must satisfy 0 <= low < high <= 1, got {ratios}")
+    rng = random.Random(seed)
+    first = (rng.choice(SIZES), rng.choice(COLOURS), rng.choice(SHAPES))
+    second = first
+    while second == first:
+        second = (rng.choice(SIZES), rng.choice(COLOURS), rng.choice(SHAPES))
+    margin, gap = 0.03 * size, 0.04 * size
+    for _ in range(1000):
+        placed = []
+        for sz, color, shape in (first, second):
+            r = (0.075 if sz == "small" else 0.15) * size * rng.uniform(0.92, 1.08)
+            placed.append((sz, color, shape, r))
+        (r1, r2), far = (p[3] for p in placed), rng.uniform(0.1, 0.8) * size
+        ratio, horizontal = rng.uniform(lo, hi), rng.random() < 0.5
+        major, minor = far * rng.choice((-1, 1)), ratio * far * rng.choice((-1, 1))
+        x1 = rng.uniform(margin + r1, size - margin - r1)
+        y1 = rng.uniform(margin + r1, size - margin - r1)
+        x2, y2 = (x1 + major, y1 + minor) if horizontal else (x1 + minor, y1 + major)
+        centres = [(round(x1), round(y1)), (round(x2), round(y2))]
+        inside = all(
+            margin + r <= c <= size - margin - r
+            for (x, y), r in zip(centres, (r1, r2))
+            for c in (x, y)
+        )
+        (ax, ay), (bx, by) = centres
+        if inside and np.hypot(ax - bx, ay - by) >= r1 + r2 + gap:
+            objects = [
+                ShapeObject(shape, color, sz, c, round(r, 2))
+                for (sz, color, shape, r), c in zip(placed, centres)
+            ]
+            objects.sort(key=lambda o: o.center)
+            return _finish_scene(rng, tuple(objects), seed, image_id, size)
+    raise RuntimeError(f"could not place an edge pair in a {size}px image")
+
+
+def _finish_scene(
+    rng: random.Random, objects: tuple[ShapeObject, ...], seed: int, image_id: int, size: int
+) -> Scene:
     shade = rng.randint(20, 45)  # a dark grey, slightly tinted
     background = tuple(shade + rng.randint(-6, 6) for _ in range(3))
     captions = make_captions(objects, rng, size)
