@@ -10,7 +10,7 @@ world's grammar.
 from __future__ import annotations
 
 import math
-from collections.abc import Hashable, Mapping, Sequence
+from collections.abc import Hashable, Iterator, Mapping, Sequence
 from typing import Any, Protocol
 
 import numpy as np
@@ -244,6 +244,21 @@ def object_scene_accuracy(
     }
 
 
+def _distinct_pairs(
+    captions: Mapping[Hashable, str],
+    objects_by_image: Mapping[Hashable, Sequence[Mapping[str, Any]]],
+) -> Iterator[tuple[str, ShapeObject, ShapeObject, int]]:
+    """(caption, object, other object, image width) of each scene of exactly two distinct
+    objects (not two copies of one)."""
+    for image_id, text in captions.items():
+        objects = objects_by_image[image_id]
+        if len(objects) != 2:
+            continue
+        a, b = (_shape_object(o) for o in objects)
+        if a.attrs != b.attrs:
+            yield text, a, b, int(objects[0]["mask"]["size"][1])  # scenes are square
+
+
 def relation_accuracy(
     captions: Mapping[Hashable, str],
     objects_by_image: Mapping[Hashable, Sequence[Mapping[str, Any]]],
@@ -254,13 +269,8 @@ def relation_accuracy(
     grammar's forms, read by `shapes.stated_relation`). Returns `relation_accuracy` (None when
     no scene qualifies) and `relation_scenes`, how many scenes were counted."""
     correct = scenes = 0
-    for image_id, text in captions.items():
-        objects = objects_by_image[image_id]
-        if len(objects) != 2:
-            continue
-        a, b = (_shape_object(o) for o in objects)
-        size = int(objects[0]["mask"]["size"][1])  # the image's width (scenes are square)
-        if a.attrs == b.attrs or relation(a, b, size) is None:
+    for text, a, b, size in _distinct_pairs(captions, objects_by_image):
+        if relation(a, b, size) is None:
             continue
         scenes += 1
         mentions = parse_caption(text)
@@ -287,13 +297,8 @@ def invented_relations(
     states a relation for every pair scores well on `relation_accuracy` and badly here. Returns
     `invented_relations` (None when no scene qualifies) and `unclear_relation_scenes`."""
     invented = scenes = 0
-    for image_id, text in captions.items():
-        objects = objects_by_image[image_id]
-        if len(objects) != 2:
-            continue
-        a, b = (_shape_object(o) for o in objects)
-        size = int(objects[0]["mask"]["size"][1])
-        if a.attrs == b.attrs or relation(a, b, size) is not None:
+    for text, a, b, size in _distinct_pairs(captions, objects_by_image):
+        if relation(a, b, size) is not None:
             continue
         scenes += 1
         invented += stated_relation(text) is not None
