@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from captioner.data.shapes import encode_mask
+from captioner.data.shapes import encode_mask, generate_split
 from captioner.evaluation.coco import COCO_METRICS, coco_scores, java_available, leave_one_out
 from captioner.evaluation.grounding import (
     cell_bounds,
@@ -18,6 +18,7 @@ from captioner.evaluation.grounding import (
     relation_accuracy,
 )
 from captioner.results import CaptionResult
+from training.make_shapes import edge_pair_scenes, object_record
 
 needs_java = pytest.mark.skipif(
     not java_available(), reason="java not on PATH (METEOR and the PTB tokenizer need it)"
@@ -262,6 +263,19 @@ def test_invented_relations_counts_relations_stated_where_none_is_clear():
         "invented_relations": None,
         "unclear_relation_scenes": 0,
     }
+
+
+def test_no_reference_of_the_generator_invents_or_misses_a_relation():
+    scenes = [
+        *generate_split(300, seed=21),
+        *edge_pair_scenes(100, seed=21, size=128, start_id=301),
+    ]
+    objects = {s.image_id: [object_record(o, s.size) for o in s.objects] for s in scenes}
+    for k in range(5):
+        captions = {s.image_id: s.captions[k] for s in scenes}
+        assert invented_relations(captions, objects)["invented_relations"] == 0.0
+    canonical = relation_accuracy({s.image_id: s.captions[0] for s in scenes}, objects)
+    assert canonical["relation_accuracy"] == 1.0 and canonical["relation_scenes"] > 40
 
 
 def test_count_accuracy_wants_repeated_objects_counted_in_one_phrase():
