@@ -11,9 +11,9 @@ METRICS.json keys: `Bleu_1`..`Bleu_4`, `METEOR` (null with --no-meteor or --no-j
 `grounded_words` (null for a model without attention), `object_accuracy`, `scene_accuracy`,
 `relation_accuracy` and `relation_scenes` (two distinct objects with a clear relation: both named
 right and placed right), `invented_relations` and `unclear_relation_scenes` (two distinct objects
-without a clear relation: the share of captions that state one anyway), `count_accuracy` and `count_scenes` (scenes where an object repeats: the
-scene stated right with each repeated object counted in one phrase, "two small red circles",
-not named once per copy); and
+without a clear relation: the share of captions that state one anyway), `count_accuracy` and
+`count_scenes` (scenes where an object repeats: the scene stated right with each repeated object
+counted in one phrase, "two small red circles", not named once per copy); and
 `n_images`, `beam_size`, `max_length`, `model`, `data`, `skipped_missing_images`,
 `skipped_unreadable_images`, `notes`, `seconds`. SPICE is not computed (see `notes`).
 The results file is the COCO results format, `[{"image_id": int, "caption": str}]`.

@@ -149,12 +149,16 @@ def make_edge_pair_scene(
         second = (rng.choice(SIZES), rng.choice(COLOURS), rng.choice(SHAPES))
     margin, gap = 0.03 * size, 0.04 * size
     for _ in range(1000):
-        placed = []
-        for sz, color, shape in (first, second):
-            r = (0.075 if sz == "small" else 0.15) * size * rng.uniform(0.92, 1.08)
-            placed.append((sz, color, shape, r))
-        (r1, r2), far = (p[3] for p in placed), rng.uniform(0.1, 0.8) * size
-        ratio, horizontal = rng.uniform(lo, hi), rng.random() < 0.5
+        placed = [
+            (sz, color, shape, (0.075 if sz == "small" else 0.15) * size * rng.uniform(0.92, 1.08))
+            for sz, color, shape in (first, second)
+        ]
+        r1, r2 = placed[0][3], placed[1][3]
+        far, ratio, horizontal = (
+            rng.uniform(0.1, 0.8) * size,
+            rng.uniform(lo, hi),
+            rng.random() < 0.5,
+        )
         major, minor = far * rng.choice((-1, 1)), ratio * far * rng.choice((-1, 1))
         x1 = rng.uniform(margin + r1, size - margin - r1)
         y1 = rng.uniform(margin + r1, size - margin - r1)
