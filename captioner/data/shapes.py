@@ -37,6 +37,7 @@ RGB = {
     "white": (235, 235, 235),
 }
 MAX_OBJECTS = 4
+MARGIN, GAP = 0.03, 0.04  # of the image size: an object's circle from the border, and from others
 EDGE_RATIOS = (0.3, 0.7)  # make_edge_pair_scene: minor over major offset, either side of 0.5
 MAX_CAPTION_TOKENS = 20
 CAPTIONS_PER_IMAGE = 5
@@ -147,11 +148,10 @@ def make_edge_pair_scene(
     second = first
     while second == first:
         second = (rng.choice(SIZES), rng.choice(COLOURS), rng.choice(SHAPES))
-    margin, gap = 0.03 * size, 0.04 * size
+    margin, gap = MARGIN * size, GAP * size
     for _ in range(1000):
         placed = [
-            (sz, color, shape, (0.075 if sz == "small" else 0.15) * size * rng.uniform(0.92, 1.08))
-            for sz, color, shape in (first, second)
+            (sz, color, shape, _radius(rng, sz, size)) for sz, color, shape in (first, second)
         ]
         r1, r2 = placed[0][3], placed[1][3]
         far, ratio, horizontal = (
@@ -215,18 +215,23 @@ def _sample_attributes(rng: random.Random) -> list[tuple[str, str, str]]:
     return attrs
 
 
+def _radius(rng: random.Random, size_word: str, size: int) -> float:
+    """An object's circle radius in pixels: 7.5% (small) or 15% (large) of the image, within 8%."""
+    return (0.075 if size_word == "small" else 0.15) * size * rng.uniform(0.92, 1.08)
+
+
 def _place_objects(
     rng: random.Random, attrs: list[tuple[str, str, str]], size: int
 ) -> tuple[ShapeObject, ...]:
     """Rejection sampling: each object's circle keeps a margin from the border and the others."""
-    margin, gap = 0.03 * size, 0.04 * size
+    margin, gap = MARGIN * size, GAP * size
     order = sorted(
         attrs, key=lambda a: a[0] != "large"
     )  # the large ones first: they fit less easily
     for _ in range(1000):
         placed: list[ShapeObject] = []
         for sz, color, shape in order:
-            r = (0.075 if sz == "small" else 0.15) * size * rng.uniform(0.92, 1.08)
+            r = _radius(rng, sz, size)
             lo, hi = int(np.ceil(margin + r)), int(size - margin - r)
             for _ in range(100):
                 x, y = rng.randint(lo, hi), rng.randint(lo, hi)
